@@ -1,0 +1,262 @@
+"""The YAML experiment schema (pydantic) and ``load_experiment(path)``.
+
+Every user mistake becomes one ``ConfigError`` whose message names the file, the key path
+(``models[1].d_state``) and what is allowed; unknown keys get a did-you-mean.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+
+WORKLOADS = ("prefill", "decode", "train")
+DTYPES = ("float32", "bfloat16", "float16")
+LAYOUT_LETTERS = {"A": "attention", "M": "mamba", "D": "mamba2", "S": "s4d"}
+MIXER_KINDS = ("attention", "s4d", "mamba", "mamba2")
+MODEL_KINDS = (*MIXER_KINDS, "hybrid")
+
+
+class ConfigError(ValueError):
+    """A problem in the user's experiment file, already phrased for the user."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def parse_seq_lens(value: Any) -> list[int]:
+    """``[256, 512]`` or ``"256..8192 x2"`` (geometric) or ``"1000..4000 +1000"`` (arithmetic)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    if isinstance(value, list):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("must be a list of integers or a range string like '256..8192 x2'")
+    m = re.fullmatch(r"\s*(\d+)\s*\.\.\s*(\d+)\s*(?:([x+*])\s*(\d+))?\s*", value)
+    if not m:
+        raise ValueError(f"bad range '{value}': use 'START..STOP xFACTOR' (e.g. '256..8192 x2') or 'START..STOP +STEP'")
+    start, stop = int(m[1]), int(m[2])
+    op, k = m[3] or "x", int(m[4] or 2)
+    if start <= 0 or stop < start:
+        raise ValueError(f"bad range '{value}': need 0 < START <= STOP")
+    if (op in "x*" and k < 2) or (op == "+" and k < 1):
+        raise ValueError(f"bad range '{value}': the factor must be >= 2 (or the step >= 1)")
+    out, n = [], start
+    while n <= stop:
+        out.append(n)
+        n = n * k if op in "x*" else n + k
+    return out
+
+
+class ModelSpec(_Strict):
+    """One model of the experiment. Fields a kind does not use are ignored by that kind."""
+
+    name: str
+    kind: str
+    preset: str | None = Field(None, description="named size preset (see `seqbench models`)")
+    d_model: PositiveInt = 256
+    n_layers: PositiveInt = 4
+    vocab_size: PositiveInt = 256
+    mlp_expand: float = Field(0.0, ge=0, description="SwiGLU hidden = mlp_expand * d_model; 0 = no MLP")
+    impl: Literal["auto", "ref", "fast"] = "auto"
+    # attention
+    n_heads: PositiveInt | None = None
+    n_kv_heads: PositiveInt | None = None
+    rope_theta: float = Field(10000.0, gt=0)
+    # state-space mixers
+    d_state: PositiveInt | None = None
+    d_conv: PositiveInt = 4
+    expand: PositiveInt = 2
+    dt_rank: Union[PositiveInt, Literal["auto"]] = "auto"
+    headdim: PositiveInt = 64
+    ngroups: PositiveInt = 1
+    chunk_size: PositiveInt = 256
+    # hybrid: a pattern of letters (A attention, M mamba, D mamba2, S s4d) or kind names, tiled to n_layers
+    layout: Union[str, list[str], None] = None
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, v: str) -> str:
+        if v not in MODEL_KINDS:
+            raise ValueError(f"unknown model kind '{v}'{_did_you_mean(v, MODEL_KINDS)}; allowed: {', '.join(MODEL_KINDS)}")
+        return v
+
+    def layer_kinds(self) -> list[str]:
+        """The mixer kind of every layer."""
+        if self.kind != "hybrid":
+            return [self.kind] * self.n_layers
+        pattern = self.layout
+        if pattern is None:
+            raise ValueError("a hybrid needs a 'layout', e.g. 'MMMA' (A attention, M mamba, D mamba2, S s4d)")
+        if isinstance(pattern, str):
+            bad = [c for c in pattern if c not in LAYOUT_LETTERS]
+            if bad or not pattern:
+                raise ValueError(f"layout '{pattern}' has unknown letters {bad}; allowed letters: A, M, D, S")
+            kinds = [LAYOUT_LETTERS[c] for c in pattern]
+        else:
+            kinds = [LAYOUT_LETTERS.get(k, k) for k in pattern]
+            for k in kinds:
+                if k not in MIXER_KINDS:
+                    raise ValueError(f"layout entry '{k}' is not a mixer kind; allowed: {', '.join(MIXER_KINDS)}")
+        if self.n_layers % len(kinds):
+            raise ValueError(f"layout length {len(kinds)} must divide n_layers ({self.n_layers})")
+        return kinds * (self.n_layers // len(kinds))
+
+    @model_validator(mode="after")
+    def _sizes_fit(self) -> "ModelSpec":
+        kinds = set(self.layer_kinds())
+        heads = self.n_heads or max(1, self.d_model // 64)
+        if "attention" in kinds:
+            if self.d_model % heads:
+                raise ValueError(f"n_heads ({heads}) must divide d_model ({self.d_model})")
+            if (self.d_model // heads) % 2:
+                raise ValueError(f"head dim d_model/n_heads = {self.d_model // heads} must be even (RoPE)")
+            if self.n_kv_heads and heads % self.n_kv_heads:
+                raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({heads})")
+        if "mamba2" in kinds and (self.expand * self.d_model) % self.headdim:
+            raise ValueError(f"headdim ({self.headdim}) must divide d_inner = expand*d_model = {self.expand * self.d_model}")
+        if "mamba2" in kinds and ((self.expand * self.d_model) // self.headdim) % self.ngroups:
+            raise ValueError(f"ngroups ({self.ngroups}) must divide the number of mamba2 heads")
+        return self
+
+
+class SweepSpec(_Strict):
+    seq_lens: list[PositiveInt]
+    batch: list[PositiveInt] = [1]
+    workloads: list[Literal["prefill", "decode", "train"]] = ["prefill", "decode"]
+    new_tokens: PositiveInt = 32
+
+    @field_validator("seq_lens", mode="before")
+    @classmethod
+    def _expand(cls, v: Any) -> list[int]:
+        return parse_seq_lens(v)
+
+    @field_validator("batch", mode="before")
+    @classmethod
+    def _batch_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, int) else v
+
+    @field_validator("seq_lens", "batch", "workloads")
+    @classmethod
+    def _non_empty_unique(cls, v: list) -> list:
+        if not v:
+            raise ValueError("must not be empty")
+        return list(dict.fromkeys(v))
+
+
+class MeasureSpec(_Strict):
+    warmup: Annotated[int, Field(ge=0)] = 2
+    min_samples: PositiveInt = 10
+    max_samples: PositiveInt = 1000
+    min_time_s: Annotated[float, Field(ge=0)] = 0.5
+    timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    isolation: Literal["inline", "process"] = "inline"
+    memory_limit_gb: Annotated[float, Field(gt=0)] | None = None
+    prefill_chunk: PositiveInt | None = Field(None, description="feed prompts in chunks of this many tokens")
+    calibrate: bool = True
+
+
+class Experiment(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    threads: PositiveInt | None = None
+    models: list[ModelSpec]
+    sweep: SweepSpec
+    measure: MeasureSpec = MeasureSpec()
+    output_dir: str = "results"
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, v: list[ModelSpec]) -> list[ModelSpec]:
+        if not v:
+            raise ValueError("must name at least one model")
+        names = [m.name for m in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(dup)}")
+        return v
+
+
+# ---- error formatting ---------------------------------------------------------------------------------
+
+
+def _did_you_mean(word: str, options: Any) -> str:
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def key_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not str(part).startswith(("function-", "literal[", "union[")) and part not in ("int", "str", "list[str]"):
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """Field names of the schema object that owns the key at ``loc``."""
+    model: type[BaseModel] = Experiment
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        ann = model.model_fields.get(str(part))
+        if ann is None:
+            break
+        target = ann.annotation
+        for candidate in (ModelSpec, SweepSpec, MeasureSpec):
+            if target is candidate or candidate in getattr(target, "__args__", ()):
+                model = candidate
+    return list(model.model_fields)
+
+
+def _format_error(err: dict) -> str:
+    loc = tuple(err["loc"])
+    path = key_path(loc)
+    if err["type"] == "extra_forbidden":
+        key = str(loc[-1])
+        return f"{path}: unknown key '{key}'{_did_you_mean(key, _fields_at(loc))}; allowed keys: {', '.join(_fields_at(loc))}"
+    if err["type"] == "missing":
+        return f"{path}: required key is missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    if "input" in err and err["type"] not in ("value_error",):
+        msg += f" (got {err['input']!r})"
+    return f"{path}: {msg}"
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        where = ""
+        mark = getattr(e, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        raise ConfigError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    return experiment_from_dict(raw, source=str(path))
+
+
+def experiment_from_dict(raw: Any, source: str = "<config>") -> Experiment:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping with keys name, models, sweep, ...")
+    try:
+        from seqbench.models.presets import apply_presets
+
+        raw = apply_presets(raw)
+        return Experiment.model_validate(raw)
+    except ValidationError as e:
+        lines = [_format_error(err) for err in e.errors()]
+        raise ConfigError(f"{source}: " + ("\n  ".join([""] + lines) if len(lines) > 1 else lines[0])) from None
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"{source}: {e.args[0] if e.args else e}") from None

@@ -1,0 +1,71 @@
+"""Model registry and ``build_model(spec)``.
+
+Dimension glossary, used in shape comments throughout:
+    b  batch                 l  sequence length (this call)     L  context / max cached length
+    d  d_model               d_inner = expand * d_model         h  heads (attention or Mamba-2)
+    p  headdim (Mamba-2)     n  d_state (SSM state size)        g  ngroups (Mamba-2 B/C groups)
+    hd attention head dim    kvh key/value heads (GQA)          w  d_conv (short conv width)
+    r  dt_rank (Mamba-1)     c  chunk index / chunk length in chunked scans
+
+A hybrid is not a mixer: it is a layout of existing mixers, one per layer (Jamba: 1 attention in 8).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from seqbench.config import ModelSpec
+from seqbench.models.base import SeqModel
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _attention(spec: ModelSpec, device, dtype) -> nn.Module:
+    from seqbench.models.attention import Attention
+
+    heads = spec.n_heads or max(1, spec.d_model // 64)
+    return Attention(spec.d_model, heads, spec.n_kv_heads, spec.rope_theta, impl=spec.impl, device=device, dtype=dtype)
+
+
+def _mamba(spec: ModelSpec, device, dtype) -> nn.Module:
+    from seqbench.models.mamba import Mamba
+
+    return Mamba(
+        spec.d_model, d_state=spec.d_state or 16, d_conv=spec.d_conv, expand=spec.expand, dt_rank=spec.dt_rank,
+        impl=spec.impl, device=device, dtype=dtype,
+    )
+
+
+def _mamba2(spec: ModelSpec, device, dtype) -> nn.Module:
+    from seqbench.models.mamba2 import Mamba2
+
+    return Mamba2(
+        spec.d_model, d_state=spec.d_state or 128, d_conv=spec.d_conv, expand=spec.expand, headdim=spec.headdim,
+        ngroups=spec.ngroups, chunk_size=spec.chunk_size, impl=spec.impl, device=device, dtype=dtype,
+    )
+
+
+def _s4d(spec: ModelSpec, device, dtype) -> nn.Module:
+    from seqbench.models.s4 import S4D
+
+    return S4D(spec.d_model, d_state=spec.d_state or 64, impl=spec.impl, device=device, dtype=dtype)
+
+
+MIXERS: dict[str, Callable[[ModelSpec, torch.device | str, torch.dtype], nn.Module]] = {
+    "attention": _attention,
+    "s4d": _s4d,
+    "mamba": _mamba,
+    "mamba2": _mamba2,
+}
+
+
+def build_model(spec: ModelSpec, device: torch.device | str = "cpu", dtype: torch.dtype | str = torch.float32) -> SeqModel:
+    """Build the model a spec describes; parameters are created directly on ``device`` in ``dtype``."""
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    mixers = [MIXERS[kind](spec, device, dtype) for kind in spec.layer_kinds()]
+    mlp_hidden = round(spec.mlp_expand * spec.d_model) if spec.mlp_expand else None
+    model = SeqModel(spec.vocab_size, spec.d_model, mixers, mlp_hidden)
+    return model.to(device=device, dtype=dtype)

@@ -1,0 +1,97 @@
+"""Causal multi-head / grouped-query self-attention with rotary positions and a preallocated KV cache.
+
+References: Vaswani et al. 2017 (attention), Su et al. 2021 (RoPE), Ainslie et al. 2023 (GQA).
+The cache holds k and v as (b, max_len, kv_heads, head_dim) — the flash_attn layout — and every prefill
+or step writes into it in place, so decode never reallocates.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from seqbench.ops import get
+
+
+def rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
+    """Rotate pairs (x[..., :hd/2], x[..., hd/2:]) by position-dependent angles. x: (b, l, h, hd)."""
+    half = x.shape[-1] // 2
+    inv_freq = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)  # (hd/2,)
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (l, hd/2)
+    cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]  # (1, l, 1, hd/2)
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int | None = None,
+        rope_theta: float = 10000.0,
+        impl: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        n_kv_heads = n_kv_heads or n_heads
+        if d_model % n_heads:
+            raise ValueError(f"n_heads ({n_heads}) must divide d_model ({d_model})")
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_kv_heads ({n_kv_heads}) must divide n_heads ({n_heads})")
+        self.d_model, self.n_heads, self.n_kv_heads = d_model, n_heads, n_kv_heads
+        self.head_dim = d_model // n_heads
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim = d_model / n_heads = {self.head_dim} must be even for RoPE")
+        self.rope_theta = rope_theta
+        kw = {"device": device, "dtype": dtype}
+        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=False, **kw)
+        self.kv_proj = nn.Linear(d_model, 2 * n_kv_heads * self.head_dim, bias=False, **kw)
+        self.out_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False, **kw)
+        self._attn, self.impl_used = get("attention", impl, device or "cpu")
+
+    def _qkv(self, x: Tensor, start: int) -> tuple[Tensor, Tensor, Tensor]:
+        b, l, _ = x.shape
+        q = self.q_proj(x).view(b, l, self.n_heads, self.head_dim)  # (b, l, h, hd)
+        k, v = self.kv_proj(x).view(b, l, 2, self.n_kv_heads, self.head_dim).unbind(2)  # (b, l, kvh, hd)
+        positions = torch.arange(start, start + l, device=x.device)
+        return rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta), v
+
+    def forward(self, x: Tensor, cache: dict[str, Tensor] | None = None, start: int = 0) -> Tensor:
+        b, l, _ = x.shape
+        q, k, v = self._qkv(x, start)
+        if cache is not None:
+            cache["k"][:b, start : start + l] = k
+            cache["v"][:b, start : start + l] = v
+            if start > 0:  # chunked prefill: attend over everything cached so far
+                k, v = cache["k"][:b, : start + l], cache["v"][:b, : start + l]
+        elif start > 0:
+            raise ValueError("a prefill that starts after position 0 needs the cache of the earlier positions")
+        y = self._attn(q, k, v, causal=True)  # (b, l, h, hd)
+        return self.out_proj(y.reshape(b, l, self.d_model))
+
+    def step(self, x: Tensor, cache: dict[str, Tensor], pos: int) -> Tensor:
+        b = x.shape[0]
+        q, k, v = self._qkv(x, pos)  # (b, 1, *, hd)
+        cache["k"][:b, pos : pos + 1] = k
+        cache["v"][:b, pos : pos + 1] = v
+        y = self._attn(q, cache["k"][:b, : pos + 1], cache["v"][:b, : pos + 1], causal=True)  # (b, 1, h, hd)
+        return self.out_proj(y.reshape(b, 1, self.d_model))
+
+    def allocate_cache(
+        self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str
+    ) -> dict[str, Tensor]:
+        shape = (batch, max_len, self.n_kv_heads, self.head_dim)
+        return {"k": torch.zeros(shape, dtype=dtype, device=device), "v": torch.zeros(shape, dtype=dtype, device=device)}
+
+    def _proj_flops(self) -> int:
+        return 2 * sum(m.in_features * m.out_features for m in (self.q_proj, self.kv_proj, self.out_proj))
+
+    def prefill_flops(self, seq_len: int) -> int:
+        # QK^T and AV over the causal triangle: token i attends to i+1 keys -> l(l+1)/2 pairs, 2 matmuls.
+        pairs = seq_len * (seq_len + 1) // 2
+        return seq_len * self._proj_flops() + 2 * 2 * pairs * self.n_heads * self.head_dim
+
+    def step_flops(self, context_len: int) -> int:
+        return self._proj_flops() + 2 * 2 * (context_len + 1) * self.n_heads * self.head_dim
