@@ -1,0 +1,205 @@
+"""S4D: the diagonal structured state-space layer, with FFT prefill, chunked continuation and O(1) decode.
+
+References: Gu, Gupta, Goel, Ré 2022, "On the Parameterization and Initialization of Diagonal State Space
+Models" (S4D); Gupta, Gu, Berant 2022, "Diagonal State Spaces are as Effective as Structured State Spaces"
+(DSS); Gu, Goel, Ré 2022, "Efficiently Modeling Long Sequences with Structured State Spaces" (S4).
+
+Each of the d channels is an independent single-input single-output SSM with N = d_state:
+    x'(t) = A x(t) + B u(t),   y(t) = C x(t) + D u(t),   A diagonal complex.
+Only N/2 modes are stored; the other N/2 are their complex conjugates, so the real output is 2·Re of the sum
+over the kept half. Zero-order hold with step dt = exp(log_dt): dA = exp(dt·A), dB = (dA − 1)/A · B, giving
+    h_t = dA·h_{t-1} + dB·u_t,   y_t = 2·Re(C·h_t) + D·u_t,   K[l] = 2·Re Σ_n C_n dB_n dA_n^l.
+Inits: S4D-Lin A_n = −1/2 + iπn; S4D-Inv A_n = −1/2 + i(N/π)(N/(2n+1) − 1); B = 1, C ~ CN(0, 1).
+The real part is kept negative as −exp(log_A_real), so every mode decays.
+
+Blocked Vandermonde (no (h, N/2, L) tensor ever exists): write l = j·c + i with block length c ≈ √L. Then
+dA^l = dA^(j·c) · dA^i, and Σ_n W_n dA_n^l is a real batched matmul per channel of the block coefficients
+(L/c, N) by the in-block powers (N, c). Each power is exp(dt·A·l) computed directly, so errors do not grow with l.
+The same product, transposed and over the reversed input, gives the state a prefill leaves:
+h_{l-1} = Σ_k dA^(l-1-k) dB u_k (+ dA^l h_init when continuing) — no Python loop over time.
+
+Layer: y = K * u + D·u (``fft_conv``, O(L log L)) -> GELU -> Linear(d, 2d) -> GLU, the output layer of the S4D
+reference design. There is no input projection (the block's norm feeds the SSM directly).
+
+Precision: the SSM part (discretisation, kernel, FFT, state) is computed in float32 whatever the model dtype;
+parameters are stored in the model dtype. The recurrent state is always float32, stored as the real view
+(b, d, N/2, 2) of a complex64 (b, d, N/2) tensor, even for bf16 models, because a bf16 state would drift
+over a million decode steps.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from seqbench.ops import get
+from seqbench.ops.fftconv import next_fast_len
+
+INITS = ("lin", "inv")
+
+
+def s4d_imag_init(init: str, d_state: int) -> Tensor:
+    """Imaginary parts of the N/2 kept eigenvalues for S4D-Lin or S4D-Inv (float32, (N/2,))."""
+    n = torch.arange(d_state // 2, dtype=torch.float32)
+    if init == "lin":
+        return math.pi * n
+    if init == "inv":
+        return d_state / math.pi * (d_state / (2 * n + 1) - 1)
+    raise ValueError(f"init must be one of {INITS}, got '{init}'")
+
+
+def _block_len(length: int) -> int:
+    """Block length c ≈ √L (a power of two in [8, 1024]) so both Vandermonde factors stay small."""
+    return min(1024, max(8, 1 << math.ceil(math.log2(max(length, 1)) / 2)))
+
+
+def _powers(dtA: Tensor, count: int, stride: int) -> Tensor:
+    """exp(dtA · stride · i) for i < count: (h, n2, count) complex."""
+    idx = torch.arange(count, device=dtA.device, dtype=torch.float32) * stride
+    return torch.exp(dtA[:, :, None] * idx)  # (h, n2, count)
+
+
+def vandermonde(coef: Tensor, dtA: Tensor, length: int) -> Tensor:
+    """out[..., h, l] = 2·Re Σ_n coef[..., h, n] · exp(dtA[h, n] · l) for l < length, blocked over l.
+
+    coef: (h, n2) or (b, h, n2) complex; dtA: (h, n2) complex. Returns float32 (h, length) or (b, h, length).
+    """
+    unbatched = coef.dim() == 2
+    coef = coef[None] if unbatched else coef  # (b, h, n2)
+    b, h, n2 = coef.shape
+    c = _block_len(length)
+    nb = -(-length // c)
+    inner = _powers(dtA, c, 1)  # (h, n2, c)
+    outer = _powers(dtA, nb, c).transpose(1, 2)  # (h, nb, n2)
+    w = 2 * coef.transpose(0, 1)[:, :, None, :] * outer[:, None]  # (h, b, nb, n2)
+    # Re(w·v) = w.re·v.re − w.im·v.im: one real matmul over the stacked (re, im) axis.
+    w_r = torch.cat([w.real, -w.imag], dim=-1).reshape(h, b * nb, 2 * n2)  # (h, b*nb, 2*n2)
+    v_r = torch.cat([inner.real, inner.imag], dim=1)  # (h, 2*n2, c)
+    out = torch.bmm(w_r, v_r).view(h, b, nb * c)[..., :length]  # (h, b, length)
+    return out[:, 0].contiguous() if unbatched else out.transpose(0, 1).contiguous()
+
+
+def vandermonde_transpose(v: Tensor, dtA: Tensor) -> Tensor:
+    """out[b, h, n] = Σ_l v[b, h, l] · exp(dtA[h, n] · l), blocked over l. v: (b, h, l) real -> (b, h, n2) complex."""
+    b, h, length = v.shape
+    n2 = dtA.shape[1]
+    c = _block_len(length)
+    nb = -(-length // c)
+    inner = _powers(dtA, c, 1)  # (h, n2, c)
+    outer = _powers(dtA, nb, c).transpose(1, 2)  # (h, nb, n2)
+    v = F.pad(v, (0, nb * c - length))  # (b, h, nb*c); zero taps add nothing
+    v = v.view(b, h, nb, c).transpose(0, 1).reshape(h, b * nb, c)  # (h, b*nb, c)
+    s = torch.bmm(v, torch.cat([inner.real, inner.imag], dim=1).transpose(1, 2))  # (h, b*nb, 2*n2)
+    s = s.view(h, b, nb, 2, n2)  # (h, b, nb, re/im, n2)
+    s = torch.complex(s[..., 0, :], s[..., 1, :])  # (h, b, nb, n2)
+    return (s * outer[:, None]).sum(2).transpose(0, 1)  # (b, h, n2)
+
+
+class S4D(nn.Module):
+    """Diagonal state-space mixer (S4D). forward/step/allocate_cache follow seqbench.models.base."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 64,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        init: str = "lin",
+        dropout: float = 0.0,
+        impl: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        if d_state < 2 or d_state % 2:
+            raise ValueError(f"d_state must be even and >= 2 (N/2 conjugate pairs), got {d_state}")
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+        self.d_model, self.d_state, self.n_modes = d_model, d_state, d_state // 2
+        h, n2 = d_model, d_state // 2
+        log_dt = torch.rand(h) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)  # log-uniform dt
+        b_init = torch.zeros(h, n2, 2)
+        b_init[..., 0] = 1.0
+        kw = {"device": device, "dtype": dtype}
+        self.log_dt = nn.Parameter(log_dt.to(**kw))
+        self.log_A_real = nn.Parameter(torch.full((h, n2), math.log(0.5)).to(**kw))  # Re A = -1/2
+        self.A_imag = nn.Parameter(s4d_imag_init(init, d_state).expand(h, n2).clone().to(**kw))
+        self.B = nn.Parameter(b_init.to(**kw))  # complex (h, n2) stored as (h, n2, re/im)
+        self.C = nn.Parameter((torch.randn(h, n2, 2) * math.sqrt(0.5)).to(**kw))  # E|C|^2 = 1
+        self.D = nn.Parameter(torch.randn(h).to(**kw))
+        self.dropout = nn.Dropout(dropout)
+        self.out_proj = nn.Linear(d_model, 2 * d_model, **kw)
+        self._fft_conv, self.impl_used = get("fft_conv", impl, device or "cpu")
+
+    # --- the SSM in float32 -----------------------------------------------------------------------
+    def _discretize(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """ZOH: returns dt·A, dA, dB, C, all complex64 (h, n2)."""
+        dt = torch.exp(self.log_dt.float())  # (h,)
+        A = torch.complex(-torch.exp(self.log_A_real.float()), self.A_imag.float())  # (h, n2)
+        dtA = dt[:, None] * A
+        dA = torch.exp(dtA)
+        dB = (dA - 1) / A * torch.view_as_complex(self.B.float().contiguous())
+        return dtA, dA, dB, torch.view_as_complex(self.C.float().contiguous())
+
+    def kernel(self, length: int) -> Tensor:
+        """The convolution kernel K[l] = 2·Re Σ_n C_n dB_n dA_n^l, float32 (h, length)."""
+        dtA, _, dB, C = self._discretize()
+        return vandermonde(C * dB, dtA, length)
+
+    def _output(self, y: Tensor, dtype: torch.dtype) -> Tensor:
+        y = self.dropout(F.gelu(y)).to(dtype)  # (b, l, d)
+        return F.glu(self.out_proj(y), dim=-1)  # (b, l, d)
+
+    # --- contract ---------------------------------------------------------------------------------
+    def forward(self, x: Tensor, cache: dict[str, Tensor] | None = None, start: int = 0) -> Tensor:
+        b, l, _ = x.shape
+        if start > 0 and cache is None:
+            raise ValueError("a prefill that starts after position 0 needs the cache holding the earlier state")
+        dtA, dA, dB, C = self._discretize()
+        u = x.transpose(1, 2).float()  # (b, d, l)
+        y = self._fft_conv(u, vandermonde(C * dB, dtA, l), self.D.float())  # (b, d, l)
+        if cache is not None:
+            state = torch.view_as_complex(cache["state"][:b])  # (b, d, n2), shares memory with the cache
+            new_state = dB * vandermonde_transpose(u.flip(-1), dtA)  # Σ_k dA^(l-1-k) dB u_k
+            if start > 0:
+                h0 = state.clone()
+                y = y + vandermonde(C * dA * h0, dtA, l)  # 2·Re Σ_n C_n dA_n^(k+1) h0_n
+                new_state = new_state + torch.exp(dtA * l) * h0
+            state.copy_(new_state.detach())
+        return self._output(y.transpose(1, 2), x.dtype)
+
+    def step(self, x: Tensor, cache: dict[str, Tensor], pos: int) -> Tensor:
+        b = x.shape[0]
+        _, dA, dB, C = self._discretize()
+        u = x[:, 0].float()  # (b, d)
+        state = torch.view_as_complex(cache["state"][:b])  # (b, d, n2), updated in place
+        state.mul_(dA.detach()).add_((dB * u[:, :, None]).detach())  # decode state carries no gradient
+        y = 2 * (C * state).real.sum(-1) + self.D.float() * u  # (b, d)
+        return self._output(y[:, None], x.dtype)  # (b, 1, d)
+
+    def allocate_cache(
+        self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str
+    ) -> dict[str, Tensor]:
+        """The state (b, d, N/2, re/im) in float32 whatever ``dtype`` is; its size does not depend on max_len."""
+        return {"state": torch.zeros(batch, self.d_model, self.n_modes, 2, dtype=torch.float32, device=device)}
+
+    # --- accounting (2 FLOPs per multiply-add; elementwise activations and exps not counted) -------
+    def _proj_flops(self) -> int:
+        return 2 * self.out_proj.in_features * self.out_proj.out_features
+
+    def prefill_flops(self, seq_len: int) -> int:
+        """Kernel 2·d·N·L (the blocked Vandermonde matmul) + per channel three real FFTs of n = next_fast_len(2L−1)
+        at 2.5·n·log2(n) each, the spectral product 6·(n/2+1), the D skip 2·L, + output projection 4·d²·L.
+        Leaving the state in a cache adds another 2·d·N·L (not counted: a plain forward does not do it)."""
+        h, big_n, l = self.d_model, self.d_state, seq_len
+        n = next_fast_len(2 * l - 1)
+        fft = 3 * 2.5 * n * math.log2(max(n, 2)) + 6 * (n // 2 + 1) + 2 * l
+        return int(2 * h * big_n * l + h * fft + l * self._proj_flops())
+
+    def step_flops(self, context_len: int) -> int:
+        """Per channel and mode: h = dA·h + dB·u (10) and Re(C·h) summed (4); + D skip (3) per channel;
+        + the projection. Independent of context_len."""
+        return self.d_model * (7 * self.d_state + 3) + self._proj_flops()
