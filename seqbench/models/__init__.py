@@ -69,3 +69,38 @@ def build_model(spec: ModelSpec, device: torch.device | str = "cpu", dtype: torc
     mlp_hidden = round(spec.mlp_expand * spec.d_model) if spec.mlp_expand else None
     model = SeqModel(spec.vocab_size, spec.d_model, mixers, mlp_hidden)
     return model.to(device=device, dtype=dtype)
+
+
+# The kernels each mixer kind runs, for checking `impl: fast` before a sweep starts.
+OPS_BY_KIND: dict[str, tuple[str, ...]] = {
+    "attention": ("attention",),
+    "s4d": ("fft_conv",),
+    "mamba": ("causal_conv1d", "causal_conv1d_update", "selective_scan", "selective_state_update"),
+    "mamba2": ("causal_conv1d", "causal_conv1d_update", "ssd", "selective_state_update"),
+}
+
+
+def preflight_kernels(exp, device: torch.device) -> None:
+    """Raise RuntimeError naming the model if a model demands fast kernels that cannot run on ``device``."""
+    from seqbench.ops import fast_available
+
+    for i, spec in enumerate(exp.models):
+        if spec.impl != "fast":
+            continue
+        for op in dict.fromkeys(o for kind in spec.layer_kinds() for o in OPS_BY_KIND[kind]):
+            reason = fast_available(op)
+            if reason is None and device.type != "cuda":
+                reason = f"fast kernels run on CUDA only, but the device is '{device}'"
+            if reason is not None:
+                raise RuntimeError(f"models[{i}] '{spec.name}' asks for impl: fast, but op '{op}' cannot run: {reason}")
+
+
+def describe_model(spec: ModelSpec, seq_len: int) -> dict:
+    """Parameter counts and FLOPs per token, from a model built on the meta device (no memory, no weights)."""
+    model = build_model(spec.model_copy(update={"impl": "ref"}), device="meta")
+    return {
+        "kind": spec.kind if spec.kind != "hybrid" else f"hybrid {spec.layout}",
+        "params": model.num_params(),
+        "params_non_embedding": model.num_params(non_embedding=True),
+        "flops_per_token": model.prefill_flops(seq_len) / seq_len,
+    }

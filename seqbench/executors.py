@@ -1,0 +1,95 @@
+"""Executors run a PointSpec and return its row. ``inline`` measures in this process (fast; models are
+built once and reused across lengths); ``process`` measures each point in a spawned worker in its own
+process group, so a crash, a kernel OOM kill or a hang costs one point, not the sweep. A cluster engine
+(Ray, SLURM) fits beside these: it only needs ``run(spec) -> row`` and ``close()``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+
+from seqbench.point import PointSpec, base_row, build, run_point
+
+
+class InlineExecutor:
+    def __init__(self) -> None:
+        self._models: dict[str, object] = {}
+
+    def run(self, spec: PointSpec) -> dict:
+        model = self._models.get(spec.model)
+        if model is None:
+            try:
+                model = self._models[spec.model] = build(spec)
+            except Exception:  # noqa: BLE001 - run_point builds again and turns the failure into a row
+                model = None
+        return run_point(spec, model)
+
+    def close(self) -> None:
+        self._models.clear()
+
+
+def _worker(spec: PointSpec, conn) -> None:
+    os.setpgrp()  # the parent kills the whole group on timeout; Ctrl-C in the terminal reaches only the parent
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import torch
+
+    threads = spec.exp().threads
+    if threads:
+        torch.set_num_threads(threads)
+    conn.send(run_point(spec))
+    conn.close()
+
+
+class ProcessExecutor:
+    """One spawned worker per point. The parent enforces timeout_s (+ a grace period for start-up) and
+    never imports CUDA state itself."""
+
+    STARTUP_GRACE_S = 30.0
+
+    def __init__(self) -> None:
+        self._ctx = mp.get_context("spawn")
+
+    def run(self, spec: PointSpec) -> dict:
+        parent_conn, child_conn = self._ctx.Pipe(duplex=False)
+        proc = self._ctx.Process(target=_worker, args=(spec, child_conn), daemon=True)
+        proc.start()
+        child_conn.close()
+        timeout = spec.exp().measure.timeout_s + self.STARTUP_GRACE_S
+        try:
+            if parent_conn.poll(timeout):
+                try:
+                    row = parent_conn.recv()
+                except EOFError:
+                    row = None
+                proc.join(10)
+                if row is not None:
+                    return row
+            else:
+                self._kill(proc)
+                return base_row(spec, "timeout", f"worker exceeded timeout_s={spec.exp().measure.timeout_s:g}; killed")
+            proc.join(10)
+            if proc.exitcode == -signal.SIGKILL:
+                return base_row(spec, "oom_killed", "worker was killed by SIGKILL (the kernel's OOM killer)")
+            return base_row(spec, "error", f"worker exited with code {proc.exitcode} without a result")
+        except BaseException:
+            self._kill(proc)
+            raise
+        finally:
+            parent_conn.close()
+
+    @staticmethod
+    def _kill(proc) -> None:
+        if proc.is_alive():
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):  # not yet its own group leader
+                proc.kill()
+            proc.join(10)
+
+    def close(self) -> None:
+        pass
+
+
+EXECUTORS = {"inline": InlineExecutor, "process": ProcessExecutor}

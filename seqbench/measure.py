@@ -1,0 +1,204 @@
+"""Timers, sample statistics, peak-memory trackers and roofline calibration (DESIGN.md §3).
+
+CPU timing uses ``time.perf_counter``; CUDA timing uses CUDA events recorded on the current stream and read
+after a synchronize, so host-side launch overhead is not mistaken for kernel time. CPU peak memory comes from
+the kernel's own high-water mark: write ``5`` to ``/proc/self/clear_refs`` (resets VmHWM to the current RSS),
+run, then read ``VmHWM`` minus the baseline ``VmRSS`` from ``/proc/self/status``. tracemalloc does not see
+torch's allocations and ``ru_maxrss`` cannot be reset, so neither is used.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+NOISY_IQR_RATIO = 0.10
+
+
+class PointTimeout(Exception):
+    """The point used up its time budget."""
+
+
+# ---- statistics ---------------------------------------------------------------------------------------
+
+
+def quantile(sorted_xs: list[float], q: float) -> float:
+    """Linear-interpolated quantile of already sorted samples (numpy's default method)."""
+    if not sorted_xs:
+        return math.nan
+    pos = (len(sorted_xs) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
+
+
+@dataclass
+class TimingStats:
+    n_samples: int
+    time_median_s: float
+    time_p25_s: float
+    time_p75_s: float
+    time_min_s: float
+    time_p90_s: float
+    iqr_ratio: float
+    noisy: bool
+
+    def as_row(self) -> dict:
+        return asdict(self)
+
+
+def summarize(samples: list[float]) -> TimingStats:
+    if not samples:
+        raise ValueError("no timing samples")
+    xs = sorted(samples)
+    med = statistics.median(xs)
+    p25, p75 = quantile(xs, 0.25), quantile(xs, 0.75)
+    iqr_ratio = (p75 - p25) / med if med > 0 else math.inf
+    return TimingStats(len(xs), med, p25, p75, xs[0], quantile(xs, 0.90), iqr_ratio, iqr_ratio > NOISY_IQR_RATIO)
+
+
+# ---- clocks -------------------------------------------------------------------------------------------
+
+
+class Clock:
+    """Times one call of ``fn``. CPU: perf_counter. CUDA: events around the call, synchronized before reading."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def time(self, fn: Callable[[], object]) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3  # ms -> s
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+
+@dataclass
+class TimingPolicy:
+    warmup: int = 2
+    min_samples: int = 10
+    max_samples: int = 1000
+    min_time_s: float = 0.5
+
+
+def time_repeated(
+    fn: Callable[[], object], clock: Clock, policy: TimingPolicy, deadline: float = math.inf
+) -> tuple[float, list[float]]:
+    """Warm up (the first call is returned separately as first_call_s), then sample until both
+    ``min_samples`` and ``min_time_s`` are reached (or ``max_samples``). Raises PointTimeout past ``deadline``."""
+    clock.sync()
+    first_call_s = clock.time(fn)
+    for _ in range(max(0, policy.warmup - 1)):
+        _check(deadline)
+        clock.time(fn)
+    samples: list[float] = []
+    while len(samples) < policy.max_samples and (len(samples) < policy.min_samples or sum(samples) < policy.min_time_s):
+        _check(deadline)
+        samples.append(clock.time(fn))
+    return first_call_s, samples
+
+
+def _check(deadline: float) -> None:
+    if time.monotonic() > deadline:
+        raise PointTimeout("per-point time budget exhausted")
+
+
+# ---- memory -------------------------------------------------------------------------------------------
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+class PeakMemory:
+    """Context manager: ``peak_bytes`` = peak memory inside the block above the memory at entry.
+
+    CUDA: torch.cuda.reset_peak_memory_stats / max_memory_allocated (allocator-level, exact).
+    CPU (Linux): VmHWM after resetting it through /proc/self/clear_refs, minus VmRSS at entry (page-level).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak_bytes: int | None = None
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self._base = _proc_status_kib("VmRSS") * 1024
+        return self
+
+    def reset_peak(self) -> None:
+        """Forget the peak so far but keep the baseline: what stays allocated above it still counts."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is not None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak_bytes = max(0, torch.cuda.max_memory_allocated() - self._base)
+        else:
+            self.peak_bytes = max(0, _proc_status_kib("VmHWM") * 1024 - self._base)
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# ---- roofline calibration -----------------------------------------------------------------------------
+
+
+def calibrate(device: torch.device, dtype: torch.dtype = torch.float32, matmul_n: int = 2048, copy_mib: int = 256) -> dict:
+    """Measure peak dense matmul FLOP/s and memory bandwidth (copy: read + write) on ``device``.
+
+    Each figure is the best of several timed runs: it stands for what the hardware can reach, not a typical run.
+    """
+    clock = Clock(device)
+    policy = TimingPolicy(warmup=2, min_samples=5, max_samples=50, min_time_s=0.5)
+    a = torch.randn(matmul_n, matmul_n, device=device, dtype=dtype)
+    b = torch.randn(matmul_n, matmul_n, device=device, dtype=dtype)
+    _, samples = time_repeated(lambda: torch.mm(a, b), clock, policy)
+    peak_flops = 2 * matmul_n**3 / min(samples)
+    del a, b
+    n = copy_mib * 2**20 // 4
+    src = torch.empty(n, device=device, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src)
+    _, samples = time_repeated(lambda: dst.copy_(src), clock, policy)
+    peak_bytes = 2 * n * 4 / min(samples)
+    return {
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "matmul_n": matmul_n,
+        "peak_flops_per_s": peak_flops,
+        "copy_mib": copy_mib,
+        "peak_bytes_per_s": peak_bytes,
+    }

@@ -1,0 +1,185 @@
+"""One grid point: a picklable ``PointSpec`` and ``run_point(spec) -> row``, the only code that measures.
+
+Executors (inline, process, and later cluster engines) call ``run_point`` and never touch measurement code.
+Failures are data: an allocator failure becomes ``status: oom``, an exhausted time budget ``timeout``, any
+other exception ``error``, each with its message in ``error``.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from seqbench.config import Experiment, ModelSpec
+from seqbench.measure import Clock, PeakMemory, PointTimeout, TimingPolicy, summarize, time_repeated
+from seqbench.models import DTYPES, build_model
+from seqbench.models.base import SeqModel
+from seqbench.workloads import WORKLOADS
+
+STATUSES = ("ok", "oom", "oom_killed", "timeout", "error", "skipped_after_oom", "skipped_after_timeout")
+
+MEASUREMENT_COLUMNS = (
+    "n_samples", "first_call_s", "time_median_s", "time_p25_s", "time_p75_s", "time_min_s", "time_p90_s",
+    "iqr_ratio", "noisy", "tokens_per_s", "latency_per_token_s", "latency_p90_s", "cache_bytes", "peak_mem_bytes",
+    "param_count", "param_count_non_embedding", "param_bytes", "flops_per_token", "achieved_flops_per_s",
+    "achieved_bytes_per_s", "frac_peak_flops", "frac_peak_bytes",
+)
+COLUMNS = (
+    "run_id", "model", "kind", "layout", "impl_used", "device", "dtype", "threads", "workload", "batch", "seq_len",
+    "new_tokens", "status", "error", *MEASUREMENT_COLUMNS,
+)
+
+
+@dataclass(frozen=True)
+class PointSpec:
+    """Everything a worker needs to measure one point; plain data, so it pickles to another process or host."""
+
+    run_id: str
+    experiment: dict  # Experiment.model_dump()
+    model: str
+    workload: str
+    batch: int
+    seq_len: int
+    device: str
+    calibration: dict | None = None
+
+    @property
+    def key(self) -> tuple[str, str, int, int]:
+        return (self.model, self.workload, self.batch, self.seq_len)
+
+    def exp(self) -> Experiment:
+        return Experiment.model_validate(self.experiment)
+
+    def model_spec(self) -> ModelSpec:
+        return next(m for m in self.exp().models if m.name == self.model)
+
+
+def base_row(spec: PointSpec, status: str, error: str | None = None) -> dict:
+    exp, m = spec.exp(), spec.model_spec()
+    row = {c: None for c in COLUMNS}
+    layout = m.layout if isinstance(m.layout, str) or m.layout is None else ",".join(m.layout)
+    row.update(
+        run_id=spec.run_id, model=m.name, kind=m.kind, layout=layout, device=spec.device, dtype=exp.dtype,
+        threads=torch.get_num_threads(), workload=spec.workload, batch=spec.batch, seq_len=spec.seq_len,
+        new_tokens=exp.sweep.new_tokens if spec.workload == "decode" else None, status=status, error=error,
+    )
+    return row
+
+
+def build(spec: PointSpec) -> SeqModel:
+    exp = spec.exp()
+    torch.manual_seed(exp.seed)  # every model gets the same seed, whatever the order it is built in
+    return build_model(spec.model_spec(), device=spec.device, dtype=DTYPES[exp.dtype])
+
+
+def is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
+        return True
+    msg = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in msg or "out of memory" in msg.lower())
+
+
+@contextmanager
+def memory_cap(limit_gb: float | None):
+    """Cap this process's address space at (current size + limit) so an over-large point fails like an OOM.
+
+    Used to make OOM behaviour testable on a machine with plenty of RAM; restored afterwards (inline mode).
+    """
+    if limit_gb is None:
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/status") as f:
+        vm_size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    resource.setrlimit(resource.RLIMIT_AS, (vm_size + int(limit_gb * 2**30), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+@contextmanager
+def alarm(timeout_s: float):
+    """Raise PointTimeout in the main thread after timeout_s (between torch ops; inline mode's hard stop)."""
+
+    def _raise(signum, frame):
+        raise PointTimeout(f"point exceeded timeout_s={timeout_s:g}")
+
+    try:
+        previous = signal.signal(signal.SIGALRM, _raise)
+    except ValueError:  # not the main thread: rely on the deadline checks alone
+        yield
+        return
+    signal.setitimer(signal.ITIMER_REAL, timeout_s)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def run_point(spec: PointSpec, model: SeqModel | None = None) -> dict:
+    """Measure one point and return its row. Never raises for a failure of the point itself."""
+    exp = spec.exp()
+    ms = exp.measure
+    t_start = time.monotonic()
+    try:
+        with memory_cap(ms.memory_limit_gb), alarm(ms.timeout_s):
+            model = model if model is not None else build(spec)
+            return _measure(spec, exp, model, deadline=t_start + ms.timeout_s)
+    except PointTimeout as e:
+        return base_row(spec, "timeout", str(e))
+    except Exception as e:  # noqa: BLE001 - every failure becomes a row
+        if is_oom(e):
+            return base_row(spec, "oom", f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+        return base_row(spec, "error", f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+    finally:
+        if torch.device(spec.device).type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _measure(spec: PointSpec, exp: Experiment, model: SeqModel, deadline: float) -> dict:
+    device = torch.device(spec.device)
+    ms = exp.measure
+    clock = Clock(device)
+    opts = {"new_tokens": exp.sweep.new_tokens, "warmup": ms.warmup, "prefill_chunk": ms.prefill_chunk}
+    with PeakMemory(device) as mem:
+        workload = WORKLOADS[spec.workload](model, spec.batch, spec.seq_len, device, exp.seed, **opts)
+        if workload.per_step:
+            # decode: exclude the untimed prefill's transient; the cache stays counted (allocated above baseline)
+            mem.reset_peak()
+            policy = TimingPolicy(ms.warmup, exp.sweep.new_tokens, exp.sweep.new_tokens, 0.0)
+        else:
+            policy = TimingPolicy(ms.warmup, ms.min_samples, ms.max_samples, ms.min_time_s)
+        first_call_s, samples = time_repeated(workload.call, clock, policy, deadline)
+    stats = summarize(samples)
+    row = base_row(spec, "ok")
+    row.update(stats.as_row())
+    t = stats.time_median_s
+    cal = spec.calibration or {}
+    flops_per_s = workload.flops_per_call / t
+    bytes_per_s = workload.bytes_per_call / t if workload.bytes_per_call is not None else None
+    row.update(
+        impl_used=model.impl_used(),
+        first_call_s=first_call_s,
+        tokens_per_s=workload.tokens_per_call / t,
+        latency_per_token_s=t if workload.per_step else None,
+        latency_p90_s=stats.time_p90_s if workload.per_step else None,
+        cache_bytes=workload.cache.nbytes() if workload.cache is not None else None,
+        peak_mem_bytes=mem.peak_bytes,
+        param_count=model.num_params(),
+        param_count_non_embedding=model.num_params(non_embedding=True),
+        param_bytes=model.param_bytes(),
+        flops_per_token=workload.flops_per_call / workload.tokens_per_call,
+        achieved_flops_per_s=flops_per_s,
+        achieved_bytes_per_s=bytes_per_s,
+        frac_peak_flops=flops_per_s / cal["peak_flops_per_s"] if cal.get("peak_flops_per_s") else None,
+        frac_peak_bytes=bytes_per_s / cal["peak_bytes_per_s"] if cal.get("peak_bytes_per_s") and bytes_per_s else None,
+    )
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}

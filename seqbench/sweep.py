@@ -1,0 +1,182 @@
+"""Expand the grid, run its points through an executor, and keep every row on disk as it is measured.
+
+Order: for each workload and batch, lengths ascend; within a length the models alternate direction
+(A B C, then C B A) so slow drift of the machine is not confounded with architecture. After an OOM or a
+timeout, the larger lengths of that (model, workload, batch) series are recorded as skipped, never missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+import yaml
+
+from seqbench.config import Experiment
+from seqbench.env import resolve_device, snapshot
+from seqbench.executors import EXECUTORS
+from seqbench.measure import calibrate
+from seqbench.models import DTYPES
+from seqbench.point import COLUMNS, PointSpec, base_row
+
+SKIP_AFTER = {"oom": "skipped_after_oom", "oom_killed": "skipped_after_oom", "timeout": "skipped_after_timeout"}
+Key = tuple[str, str, int, int]  # (model, workload, batch, seq_len)
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; finished points are on disk."""
+
+
+def plan_grid(exp: Experiment) -> list[Key]:
+    names = [m.name for m in exp.models]
+    grid: list[Key] = []
+    for workload in exp.sweep.workloads:
+        for batch in exp.sweep.batch:
+            for i, seq_len in enumerate(exp.sweep.seq_lens):
+                order = names if i % 2 == 0 else names[::-1]
+                grid.extend((name, workload, batch, seq_len) for name in order)
+    return grid
+
+
+def new_run_dir(exp: Experiment, out: str | Path | None = None) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    run_dir = Path(out or exp.output_dir) / f"{exp.name}-{stamp}"
+    run_dir.mkdir(parents=True, exist_ok=False)
+    return run_dir
+
+
+def read_points(path: Path) -> list[dict]:
+    """Rows of points.jsonl; a torn last line (crash mid-write) is dropped."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+@dataclass
+class SweepState:
+    run_dir: Path
+    exp: Experiment
+    rows: dict[Key, dict] = field(default_factory=dict)
+
+    @property
+    def points_path(self) -> Path:
+        return self.run_dir / "points.jsonl"
+
+    def record(self, row: dict) -> None:
+        key = (row["model"], row["workload"], row["batch"], row["seq_len"])
+        self.rows[key] = row
+        with open(self.points_path, "a") as f:
+            f.write(json.dumps(row, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def failed_series(self, key: Key) -> str | None:
+        """The skip status for key if a shorter length of its series hit an OOM or a timeout."""
+        model, workload, batch, seq_len = key
+        for (m, w, b, length), row in self.rows.items():
+            if (m, w, b) == (model, workload, batch) and length < seq_len and row["status"] in SKIP_AFTER:
+                return SKIP_AFTER[row["status"]]
+        return None
+
+
+def prepare_run(exp: Experiment, out: str | Path | None = None, resume: Path | None = None) -> SweepState:
+    """Create the run folder (or reopen one to resume) with its resolved config and env.json."""
+    resolved = exp.model_dump(mode="json")
+    if resume is not None:
+        saved = yaml.safe_load((resume / "config.yaml").read_text())
+        if saved != resolved:
+            raise ValueError(f"{resume}: the config differs from the one this run was started with; "
+                             f"resume with the run's own {resume / 'config.yaml'}")
+        state = SweepState(resume, exp)
+        rows = read_points(state.points_path)
+        state.points_path.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))  # drop a torn line
+        for r in rows:
+            state.rows[(r["model"], r["workload"], r["batch"], r["seq_len"])] = r
+        return state
+    run_dir = new_run_dir(exp, out)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    return SweepState(run_dir, exp)
+
+
+def run_sweep(
+    state: SweepState,
+    on_start: Callable[[Key, int, int], None] | None = None,
+    on_done: Callable[[Key, dict, int, int], None] | None = None,
+) -> list[dict]:
+    """Run every grid point not yet in ``state``; returns all rows in grid order. Raises Interrupted on SIGINT/SIGTERM."""
+    exp = state.exp
+    if exp.threads:
+        torch.set_num_threads(exp.threads)
+    device = resolve_device(exp.device)
+    torch.manual_seed(exp.seed)
+    (state.run_dir / "env.json").write_text(json.dumps(snapshot(device, exp.dtype, exp.seed), indent=2))
+    cal_path = state.run_dir / "calibration.json"
+    calibration = json.loads(cal_path.read_text()) if cal_path.exists() else None
+    if calibration is None and exp.measure.calibrate:
+        calibration = calibrate(device, DTYPES[exp.dtype])
+        cal_path.write_text(json.dumps(calibration, indent=2))
+
+    grid = plan_grid(exp)
+    executor = EXECUTORS[exp.measure.isolation]()
+    resolved = exp.model_dump(mode="json")
+    run_id = state.run_dir.name
+    done = sum(1 for k in grid if k in state.rows)
+
+    def _on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _on_term)
+    try:
+        for key in grid:
+            if key in state.rows:
+                continue
+            model, workload, batch, seq_len = key
+            spec = PointSpec(run_id, resolved, model, workload, batch, seq_len, str(device), calibration)
+            if on_start:
+                on_start(key, done, len(grid))
+            skip = state.failed_series(key)
+            row = base_row(spec, skip, "a shorter length of this series failed") if skip else executor.run(spec)
+            state.record(row)
+            done += 1
+            if on_done:
+                on_done(key, row, done, len(grid))
+    except KeyboardInterrupt:
+        raise Interrupted from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        executor.close()
+    return [state.rows[k] for k in grid if k in state.rows]
+
+
+def ordered_rows(state: SweepState) -> list[dict]:
+    grid = plan_grid(state.exp)
+    return [state.rows[k] for k in grid if k in state.rows]
+
+
+def write_tables(state: SweepState) -> Path:
+    """results.csv (DESIGN §6 columns first, in grid order) and summary.md, for whatever rows exist."""
+    import pandas as pd
+
+    from seqbench.summary import summary_markdown
+
+    rows = ordered_rows(state)
+    df = pd.DataFrame(rows, columns=list(COLUMNS) if not rows else None)
+    extra = [c for c in df.columns if c not in COLUMNS]
+    df = df.reindex(columns=list(COLUMNS) + extra)
+    csv_path = state.run_dir / "results.csv"
+    df.to_csv(csv_path, index=False)
+    total = len(plan_grid(state.exp))
+    (state.run_dir / "summary.md").write_text(summary_markdown(df, state.exp.name, total))
+    return csv_path
