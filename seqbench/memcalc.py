@@ -1,0 +1,391 @@
+"""Analytic memory and compute of published architectures at any context: ``seqbench memory`` / ``seqbench flops``.
+
+Memory (exact bytes; ``B`` = batch, ``L`` = context, ``s`` = bytes per element of the model dtype):
+
+- KV cache, per attention layer: ``2 · B · L · kv_heads · head_dim · s`` (K and V, as ``Attention.allocate_cache``).
+- Mamba-1 state, per layer: conv ``B · d_inner · d_conv · s`` + SSM ``B · d_inner · d_state · s_ssm``.
+- Mamba-2 state, per layer: conv ``B · (d_inner + 2·ngroups·d_state) · d_conv · s``
+  + SSM ``B · nheads · headdim · d_state · s_ssm``.
+- ``s_ssm`` is the element size of the SSM state as seqbench's mixers allocate it (``SSM_STATE_DTYPE``).
+- Parameters: every stored tensor (all experts of a mixture), ``param_count · s``.
+- Total = parameters + KV cache + recurrent state; activations and allocator overhead are not counted.
+
+These formulas are tested for exact equality against the caches seqbench's own mixers allocate
+(``SeqModel.allocate_cache(...).nbytes()``) for every preset's layout.
+
+Compute — an estimate, 2 FLOPs per multiply-add, matmuls plus the sequence-mixing terms; norms,
+activations, softmax and embedding lookups are not counted (they are O(d) per token):
+
+- attention layer, decode at context L: ``P_attn + 4 · (L + 1) · heads · head_dim``;
+  prefill of L tokens: ``L · P_attn + 4 · heads · head_dim · L(L+1)/2`` (the causal triangle);
+  ``P_attn = 2 · d · (heads + 2·kv_heads) · head_dim + 2 · heads · head_dim · d``.
+- MLP: ``6 · d · hidden`` per token; mixture of experts: ``top_k · 6 · d · hidden + 2 · d · experts``.
+- Mamba-1 / Mamba-2 layers: the mixers' own ``step_flops`` / ``prefill_flops`` formulas, restated here
+  (see ``_mamba_flops`` and ``_mamba2_flops``); independent of L per token.
+- LM head: ``2 · d · vocab`` per token.
+
+Prefill FLOPs per token at context L = (FLOPs of one L-token prefill) / L; decode FLOPs per token at
+context L = FLOPs of one step with L tokens already cached.
+
+References: Kaplan et al. 2020 (6N/2N FLOP accounting), Pope et al. 2022 (KV-cache arithmetic),
+Gu & Dao 2023 (Mamba), Dao & Gu 2024 (Mamba-2), Lieber et al. 2024 (Jamba, Table 1).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from seqbench.archs import ArchPreset, arch_names, did_you_mean, find_arch
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+SSM_STATE_DTYPE = "float32"  # seqbench's Mamba and Mamba-2 keep the SSM state in float32 at any model dtype
+DEFAULT_CONTEXTS = "4k,32k,128k,256k"
+
+
+# ---- memory ------------------------------------------------------------------------------------------------
+
+
+def kv_cache_bytes(p: ArchPreset, context: int, batch: int = 1, dtype: str = "bfloat16") -> int:
+    per_layer = 2 * batch * context * p.n_kv_heads * p.head_dim * DTYPE_BYTES[dtype]
+    return p.count("attention") * per_layer
+
+
+def conv_state_bytes(p: ArchPreset, batch: int = 1, dtype: str = "bfloat16") -> int:
+    s = DTYPE_BYTES[dtype]
+    mamba = batch * p.d_inner * p.d_conv * s
+    mamba2 = batch * (p.d_inner + 2 * p.ngroups * p.d_state) * p.d_conv * s
+    return p.count("mamba") * mamba + p.count("mamba2") * mamba2
+
+
+def ssm_state_bytes(p: ArchPreset, batch: int = 1) -> int:
+    s = DTYPE_BYTES[SSM_STATE_DTYPE]
+    mamba = batch * p.d_inner * p.d_state * s
+    mamba2 = batch * p.mamba2_heads * p.headdim * p.d_state * s
+    return p.count("mamba") * mamba + p.count("mamba2") * mamba2
+
+
+def _attention_params(p: ArchPreset) -> int:
+    q = p.n_heads * p.head_dim
+    return p.d_model * q + 2 * p.d_model * p.n_kv_heads * p.head_dim + q * p.d_model
+
+
+def _mamba_params(p: ArchPreset) -> int:
+    """in_proj (x, z), depthwise conv + bias, x_proj (dt, B, C), dt_proj + bias, A_log, D, out_proj."""
+    e, n, r = p.d_inner, p.d_state, p.dt_rank_value
+    norms = r + 2 * n if p.ssm_norms == "weighted" else 0  # Jamba: RMSNorm scales on dt, B, C
+    return p.d_model * 2 * e + e * (p.d_conv + 1) + e * (r + 2 * n) + (r * e + e) + e * n + e + e * p.d_model + norms
+
+
+def _mamba2_params(p: ArchPreset) -> int:
+    """in_proj (z, x, B, C, dt), conv over x|B|C + bias, dt_bias, A_log, D per head, gated norm, out_proj."""
+    e, h = p.d_inner, p.mamba2_heads
+    conv_ch = e + 2 * p.ngroups * p.d_state
+    return p.d_model * (e + conv_ch + h) + conv_ch * (p.d_conv + 1) + 3 * h + e + e * p.d_model
+
+
+def _mlp_params(p: ArchPreset, layer: int, active: bool) -> int:
+    if not p.mlp_hidden:
+        return 0
+    dense = 3 * p.d_model * p.mlp_hidden
+    norm = p.d_model
+    if not p.moe_layer(layer):
+        return dense + norm
+    experts = p.moe.top_k if active else p.moe.experts
+    return experts * dense + p.d_model * p.moe.experts + norm  # + router
+
+
+_MIXER_PARAMS = {"attention": _attention_params, "mamba": _mamba_params, "mamba2": _mamba2_params}
+
+
+def param_count(p: ArchPreset, active: bool = False) -> int:
+    """Stored parameters (``active``: only the top-k experts of each mixture, as one token uses them)."""
+    embed = p.vocab_size * p.d_model * (1 if p.tie_embeddings else 2)
+    total = embed + p.d_model  # + final norm
+    for i, kind in enumerate(p.layer_kinds()):
+        total += p.d_model + _MIXER_PARAMS[kind](p) + _mlp_params(p, i, active)  # pre-mixer norm, mixer, MLP
+    return total
+
+
+@dataclass(frozen=True)
+class Memory:
+    preset: str
+    context: int
+    batch: int
+    dtype: str
+    kv_cache_bytes: int
+    conv_state_bytes: int
+    ssm_state_bytes: int
+    param_count: int
+    param_bytes: int
+
+    @property
+    def state_bytes(self) -> int:
+        return self.conv_state_bytes + self.ssm_state_bytes
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.kv_cache_bytes + self.state_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.param_bytes + self.cache_bytes
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "state_bytes": self.state_bytes, "cache_bytes": self.cache_bytes,
+                "total_bytes": self.total_bytes}
+
+
+def memory(p: ArchPreset, context: int, batch: int = 1, dtype: str = "bfloat16") -> Memory:
+    n = param_count(p)
+    return Memory(
+        preset=p.name, context=context, batch=batch, dtype=dtype,
+        kv_cache_bytes=kv_cache_bytes(p, context, batch, dtype), conv_state_bytes=conv_state_bytes(p, batch, dtype),
+        ssm_state_bytes=ssm_state_bytes(p, batch), param_count=n, param_bytes=n * DTYPE_BYTES[dtype],
+    )
+
+
+# ---- compute (an estimate) --------------------------------------------------------------------------------
+
+
+def _attention_flops(p: ArchPreset, context: int, prefill: bool) -> int:
+    proj, width = 2 * _attention_params(p), p.n_heads * p.head_dim
+    if prefill:  # QK^T and AV over the causal triangle of L(L+1)/2 query-key pairs
+        return context * proj + 4 * width * (context * (context + 1) // 2)
+    return proj + 4 * width * (context + 1)
+
+
+def _mamba_flops(p: ArchPreset, context: int, prefill: bool) -> int:
+    """Per token: projections 2·(d·2e + e·(r+2n) + r·e + e·d), conv 2·e·w, scan 9·e·n (discretise, update, read)."""
+    e, n, r = p.d_inner, p.d_state, p.dt_rank_value
+    per_token = 2 * (p.d_model * 2 * e + e * (r + 2 * n) + r * e + e * p.d_model) + 2 * e * p.d_conv + 9 * e * n
+    return per_token * (context if prefill else 1)
+
+
+def _mamba2_flops(p: ArchPreset, context: int, prefill: bool) -> int:
+    """Per token: projections, conv 2·(e+2gn)·w, state update and read 6·e·n (recurrent form)."""
+    e, h = p.d_inner, p.mamba2_heads
+    conv_ch = e + 2 * p.ngroups * p.d_state
+    per_token = 2 * (p.d_model * (e + conv_ch + h) + e * p.d_model) + 2 * conv_ch * p.d_conv + 6 * e * p.d_state
+    return per_token * (context if prefill else 1)
+
+
+_MIXER_FLOPS = {"attention": _attention_flops, "mamba": _mamba_flops, "mamba2": _mamba2_flops}
+
+
+def _mlp_flops(p: ArchPreset, layer: int) -> int:
+    if not p.mlp_hidden:
+        return 0
+    dense = 6 * p.d_model * p.mlp_hidden
+    if not p.moe_layer(layer):
+        return dense
+    return p.moe.top_k * dense + 2 * p.d_model * p.moe.experts  # active experts + router
+
+
+def prefill_flops(p: ArchPreset, context: int) -> int:
+    """FLOPs of one prefill of ``context`` tokens (batch 1), all logits included."""
+    per_token = 2 * p.d_model * p.vocab_size + sum(_mlp_flops(p, i) for i in range(p.n_layers))
+    return context * per_token + sum(_MIXER_FLOPS[k](p, context, True) for k in p.layer_kinds())
+
+
+def decode_flops(p: ArchPreset, context: int) -> int:
+    """FLOPs of one decode step (batch 1) with ``context`` tokens already cached."""
+    per_token = 2 * p.d_model * p.vocab_size + sum(_mlp_flops(p, i) for i in range(p.n_layers))
+    return per_token + sum(_MIXER_FLOPS[k](p, context, False) for k in p.layer_kinds())
+
+
+@dataclass(frozen=True)
+class Flops:
+    preset: str
+    context: int
+    active_params: int
+    prefill_flops: int
+    prefill_flops_per_token: float
+    decode_flops_per_token: int
+
+
+def flops(p: ArchPreset, context: int) -> Flops:
+    total = prefill_flops(p, context)
+    return Flops(p.name, context, param_count(p, active=True), total, total / context, decode_flops(p, context))
+
+
+# ---- parsing ------------------------------------------------------------------------------------------------
+
+_UNITS = {"": 1, "k": 1024, "m": 1024**2}
+
+
+def parse_contexts(text: str) -> list[int]:
+    """``"4k,32k,128k,256k"`` or ``"4096,1M"`` -> token counts (k = 1024, M = 1024²)."""
+    out = []
+    for part in text.split(","):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*", part)
+        if not m:
+            raise ValueError(f"bad context '{part.strip()}': use integers with an optional k (1024) or M (1024²)")
+        value = float(m[1]) * _UNITS[m[2].lower()]
+        if value != int(value) or value < 1:
+            raise ValueError(f"context '{part.strip()}' is not a positive whole number of tokens")
+        out.append(int(value))
+    return list(dict.fromkeys(out))
+
+
+def resolve_presets(names: list[str]) -> list[ArchPreset]:
+    """Presets by name (repeatable or comma-separated; ``all`` = every preset); ValueError lists the bad ones."""
+    wanted = [n.strip() for item in names for n in item.split(",") if n.strip()]
+    if any(n.lower() == "all" for n in wanted):
+        wanted = arch_names()
+    if not wanted:
+        raise ValueError(f"name at least one --preset; allowed: {', '.join(arch_names())}, all")
+    found, bad = [], []
+    for n in wanted:
+        p = find_arch(n)
+        (found if p else bad).append(p or n)
+    if bad:
+        hints = "; ".join(f"'{b}'{did_you_mean(b)}" for b in bad)
+        raise ValueError(f"unknown preset {hints}; allowed: {', '.join(arch_names())}, all")
+    return list(dict.fromkeys(found))
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def human_count(n: float, suffix: str = "") -> str:
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g} {unit}{suffix}"
+    return f"{n:.3g} {suffix}".rstrip()
+
+
+def human_tokens(n: int) -> str:
+    for unit, scale in (("M", 1024**2), ("k", 1024)):
+        if n % scale == 0:
+            return f"{n // scale}{unit}"
+    return str(n)
+
+
+# ---- commands -----------------------------------------------------------------------------------------------
+
+
+def _fail(message: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _parse(preset: list[str], context: str, dtype: str = "bfloat16") -> tuple[list[ArchPreset], list[int]]:
+    if dtype not in DTYPE_BYTES:
+        import difflib
+
+        close = difflib.get_close_matches(dtype, list(DTYPE_BYTES), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        _fail(f"--dtype '{dtype}' is not known{hint}; allowed: {', '.join(DTYPE_BYTES)}")
+    try:
+        return resolve_presets(preset), parse_contexts(context)
+    except ValueError as e:
+        _fail(str(e))
+
+
+def plot_memory(presets: list[ArchPreset], contexts: list[int], batch: int, dtype: str, path: Path) -> None:
+    """Total memory (solid) and cache alone (dashed) versus context, log-log, one colour per preset."""
+    from matplotlib.figure import Figure  # lazy: matplotlib is only needed for --plot; Figure needs no pyplot state
+
+    hi = max(contexts)
+    lo = min(contexts) if len(contexts) > 1 else max(1, hi // 64)
+    grid = sorted({round(lo * (hi / lo) ** (i / 63)) for i in range(64)} | set(contexts))
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.add_subplot()
+    gib = 1024**3
+    for idx, p in enumerate(presets):
+        colour = f"C{idx % 10}"
+        rows = [memory(p, c, batch, dtype) for c in grid]
+        ax.plot(grid, [r.total_bytes / gib for r in rows], color=colour, label=f"{p.title} total")
+        ax.plot(grid, [max(r.cache_bytes, 1) / gib for r in rows], color=colour, linestyle="--",
+                label=f"{p.title} KV + state")
+        ax.plot(contexts, [memory(p, c, batch, dtype).total_bytes / gib for c in contexts], "o", color=colour)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("GiB")
+    ax.set_title(f"Inference memory, batch {batch}, {dtype} (analytic; activations excluded)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small", ncol=2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def memory_cmd(
+    preset: list[str] = typer.Option(..., "--preset", "-p", help="preset name (repeatable, comma-separated, or 'all')"),
+    context: str = typer.Option(DEFAULT_CONTEXTS, "--context", "-c", help="contexts, e.g. 4k,32k,128k or 4096,1M"),
+    batch: int = typer.Option(1, "--batch", "-b", min=1, help="sequences held at once"),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="dtype of weights, KV cache and conv state"),
+    json_out: bool = typer.Option(False, "--json", help="print exact bytes as JSON"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="draw memory versus context into this image file"),
+) -> None:
+    """KV cache, recurrent state, parameters and total memory of published architectures (analytic)."""
+    presets, contexts = _parse(preset, context, dtype)
+    rows = [(p, memory(p, c, batch, dtype)) for p in presets for c in contexts]
+    if json_out:
+        import json
+
+        typer.echo(json.dumps([{**m.as_dict(), "title": p.title, "ssm_state_dtype": SSM_STATE_DTYPE}
+                               for p, m in rows], indent=2))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"Memory, batch {batch} (analytic; activations excluded). state = SSM state "
+                      f"({SSM_STATE_DTYPE}) + conv state; weights, KV and conv in {dtype}", title_justify="left")
+        table.add_column("preset", no_wrap=True)
+        for col in ("context", "KV cache", "state", "weights", "total"):
+            table.add_column(col, justify="right", no_wrap=True)
+        for i, (p, m) in enumerate(rows):
+            table.add_row(p.name, human_tokens(m.context), human_bytes(m.kv_cache_bytes), human_bytes(m.state_bytes),
+                          human_bytes(m.param_bytes), human_bytes(m.total_bytes),
+                          end_section=i + 1 < len(rows) and rows[i + 1][0] is not p)
+        console = Console()
+        console.print(table)
+        for p in presets:
+            if p.moe is not None:
+                console.print(f"{p.name}: weights count all {p.moe.experts} experts of each mixture.", highlight=False)
+            if p.notes:
+                console.print(f"{p.name}: {p.notes}.", highlight=False)
+    if plot is not None:
+        plot_memory(presets, contexts, batch, dtype, plot)
+        typer.echo(f"wrote {plot}", err=True)
+
+
+def flops_cmd(
+    preset: list[str] = typer.Option(..., "--preset", "-p", help="preset name (repeatable, comma-separated, or 'all')"),
+    context: str = typer.Option(DEFAULT_CONTEXTS, "--context", "-c", help="contexts, e.g. 4k,32k,128k or 4096,1M"),
+    json_out: bool = typer.Option(False, "--json", help="print exact FLOP counts as JSON"),
+) -> None:
+    """Estimated FLOPs per token of prefill and decode at each context (formula: seqbench.memcalc docstring)."""
+    presets, contexts = _parse(preset, context)
+    rows = [(p, flops(p, c)) for p in presets for c in contexts]
+    if json_out:
+        import json
+
+        typer.echo(json.dumps([{**asdict(f), "title": p.title} for p, f in rows], indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="FLOPs per token, batch 1 (an estimate: 2 per multiply-add; matmuls + attention/scan "
+                  "terms; MoE counts active experts)", title_justify="left")
+    table.add_column("preset", no_wrap=True)
+    for col in ("context", "active params", "prefill /token", "decode /token"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for i, (p, f) in enumerate(rows):
+        table.add_row(p.name, human_tokens(f.context), human_count(f.active_params),
+                      human_count(f.prefill_flops_per_token, "FLOP"), human_count(f.decode_flops_per_token, "FLOP"),
+                      end_section=i + 1 < len(rows) and rows[i + 1][0] is not p)
+    Console().print(table)
