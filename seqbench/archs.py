@@ -179,7 +179,8 @@ def get_arch(name: str) -> ArchPreset:
     """The preset called ``name``; ValueError with a did-you-mean and the allowed names otherwise."""
     preset = find_arch(name)
     if preset is None:
-        raise ValueError(f"unknown architecture preset '{name}'{did_you_mean(name)}; allowed: {', '.join(arch_names())}")
+        allowed = ", ".join(arch_names())
+        raise ValueError(f"unknown architecture preset '{name}'{did_you_mean(name)}; allowed: {allowed}")
     return preset
 
 

@@ -38,15 +38,21 @@ def _worker(spec: PointSpec, conn) -> None:
     threads = spec.exp().threads
     if threads:
         torch.set_num_threads(threads)
-    conn.send(run_point(spec))
+    try:
+        model = build(spec)
+    except Exception:  # noqa: BLE001 - run_point builds again and turns the failure into a row
+        model = None
+    conn.send(("ready", None))  # the point's clock starts now: start-up (imports, building) is not its time
+    conn.send(("row", run_point(spec, model)))
     conn.close()
 
 
 class ProcessExecutor:
-    """One spawned worker per point. The parent enforces timeout_s (+ a grace period for start-up) and
-    never imports CUDA state itself."""
+    """One spawned worker per point. The worker enforces timeout_s itself; the parent kills the worker's
+    process group if no row arrives within timeout_s + KILL_GRACE_S. The parent never imports CUDA state."""
 
-    STARTUP_GRACE_S = 30.0
+    STARTUP_LIMIT_S = 300.0
+    KILL_GRACE_S = 5.0
 
     def __init__(self) -> None:
         self._ctx = mp.get_context("spawn")
@@ -56,28 +62,37 @@ class ProcessExecutor:
         proc = self._ctx.Process(target=_worker, args=(spec, child_conn), daemon=True)
         proc.start()
         child_conn.close()
-        timeout = spec.exp().measure.timeout_s + self.STARTUP_GRACE_S
+        timeout_s = spec.exp().measure.timeout_s
         try:
-            if parent_conn.poll(timeout):
-                try:
-                    row = parent_conn.recv()
-                except EOFError:
-                    row = None
-                proc.join(10)
-                if row is not None:
-                    return row
-            else:
-                self._kill(proc)
-                return base_row(spec, "timeout", f"worker exceeded timeout_s={spec.exp().measure.timeout_s:g}; killed")
+            row = None
+            if self._receive(parent_conn, self.STARTUP_LIMIT_S) == "ready":
+                if not parent_conn.poll(timeout_s + self.KILL_GRACE_S):
+                    self._kill(proc)
+                    return base_row(spec, "timeout", f"worker exceeded timeout_s={timeout_s:g}; killed")
+                row = self._receive(parent_conn, 0)
             proc.join(10)
+            if isinstance(row, dict):
+                return row
             if proc.exitcode == -signal.SIGKILL:
                 return base_row(spec, "oom_killed", "worker was killed by SIGKILL (the kernel's OOM killer)")
+            self._kill(proc)
             return base_row(spec, "error", f"worker exited with code {proc.exitcode} without a result")
         except BaseException:
             self._kill(proc)
             raise
         finally:
             parent_conn.close()
+
+    @staticmethod
+    def _receive(conn, timeout: float):
+        """'ready', a row dict, or None when the worker died or stayed silent."""
+        if not conn.poll(timeout):
+            return None
+        try:
+            kind, payload = conn.recv()
+        except EOFError:
+            return None
+        return kind if kind == "ready" else payload
 
     @staticmethod
     def _kill(proc) -> None:

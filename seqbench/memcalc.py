@@ -36,7 +36,6 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -328,7 +327,7 @@ def memory_cmd(
     batch: int = typer.Option(1, "--batch", "-b", min=1, help="sequences held at once"),
     dtype: str = typer.Option("bfloat16", "--dtype", help="dtype of weights, KV cache and conv state"),
     json_out: bool = typer.Option(False, "--json", help="print exact bytes as JSON"),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="draw memory versus context into this image file"),
+    plot: Path | None = typer.Option(None, "--plot", help="draw memory versus context into this image file"),
 ) -> None:
     """KV cache, recurrent state, parameters and total memory of published architectures (analytic)."""
     presets, contexts = _parse(preset, context, dtype)

@@ -123,7 +123,8 @@ def scale_fields(fields: dict[str, Any], scale: Any, layout_len: int) -> dict[st
             head_dim = fields["d_model"] // fields["n_heads"]
             _whole(head_dim * width, f"attention head_dim {head_dim} × {width:g}", "width")
         if "headdim" in fields:
-            out["headdim"] = _whole(fields["headdim"] * width, f"Mamba-2 headdim {fields['headdim']} × {width:g}", "width")
+            what = f"Mamba-2 headdim {fields['headdim']} × {width:g}"
+            out["headdim"] = _whole(fields["headdim"] * width, what, "width")
     for key in SCALE_FIELDS:
         if key in scale:
             value = scale[key]
@@ -160,8 +161,9 @@ def _resolve(m: dict[str, Any]) -> dict[str, Any]:
             except ValueError as e:
                 raise ValueError(f"preset: {e}") from None
         if kind is None:
-            raise ValueError(f"preset: unknown architecture preset '{name}'{_hint(name.lower(), arch_names())}; "
-                             f"allowed: {', '.join(arch_names())} (or give a kind and a size preset: tiny, small, base)")
+            hint, allowed = _hint(name.lower(), arch_names()), ", ".join(arch_names())
+            raise ValueError(f"preset: unknown architecture preset '{name}'{hint}; allowed: {allowed} "
+                             "(or give a kind and a size preset: tiny, small, base)")
         return m  # an unknown kind: ModelSpec reports it with the allowed kinds
     fields = model_fields(arch)
     if kind is not None and kind != fields["kind"]:

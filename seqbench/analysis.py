@@ -1,0 +1,406 @@
+"""From result rows to answers: scaling exponents, crossovers and model x length tables.
+
+Scaling exponents follow the usual empirical-complexity recipe (Goldsmith, Aiken & Wilkerson,
+"Measuring empirical computational complexity", FSE 2007): fit ``log cost = k log L + c`` by OLS, but only
+on the largest measured lengths, because lower-order terms dominate small inputs. For attention, prefill
+time is ``a L + b L^2`` (Vaswani et al. 2017; Dao et al., FlashAttention 2022) and the global slope sits
+between 1 and 2; the local slopes between adjacent lengths show whether the largest lengths have reached
+the asymptotic regime. SSMs (S4: Gu et al. 2022; Mamba: Gu & Dao 2023; Mamba-2: Dao & Gu 2024) are linear
+in prefill and constant per decoded token, so the fits double as a check of those claims on real hardware.
+
+The 95% confidence interval uses the Student t quantile with n - 2 degrees of freedom, computed from the
+closed-form t CDF for integer degrees of freedom (Abramowitz & Stegun 26.7.3-4) so scipy is not needed.
+A crossover between two models is claimed only where their time ratio leaves the noise band on both sides.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from itertools import combinations, pairwise
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+KEYS = ["model", "workload", "batch", "seq_len"]
+NUMERIC = [
+    "batch", "seq_len", "new_tokens", "threads", "n_samples", "first_call_s", "time_median_s", "time_p25_s",
+    "time_p75_s", "time_min_s", "iqr_ratio", "tokens_per_s", "latency_per_token_s", "cache_bytes", "peak_mem_bytes",
+    "param_count", "param_bytes", "flops_per_token", "achieved_flops_per_s", "achieved_bytes_per_s",
+    "param_count_non_embedding", "frac_peak_flops", "frac_peak_bytes", "latency_p90_s",
+]
+TEXT = ["run_id", "model", "kind", "layout", "impl_used", "device", "dtype", "workload", "status", "error"]
+# Which columns are scaling metrics for each workload (decode time_* equals the per-token latency).
+WORKLOAD_METRICS = {
+    "prefill": ("time_median_s", "tokens_per_s", "peak_mem_bytes"),
+    "decode": ("latency_per_token_s", "cache_bytes", "peak_mem_bytes"),
+    "train": ("time_median_s", "tokens_per_s", "peak_mem_bytes"),
+}
+METRIC_LABELS = {
+    "time_median_s": "time", "tokens_per_s": "tokens/s", "latency_per_token_s": "latency/token",
+    "cache_bytes": "cache bytes", "peak_mem_bytes": "peak memory",
+}
+STATUS_LABELS = {
+    "oom": "OOM", "oom_killed": "OOM (killed)", "timeout": "timeout", "error": "error",
+    "skipped_after_oom": "skipped (OOM)", "skipped_after_timeout": "skipped (timeout)",
+}
+
+
+class RunError(Exception):
+    """A run folder that cannot be read, phrased for the user."""
+
+
+# ---- loading ------------------------------------------------------------------------------------------
+
+
+def _is_run(path: Path) -> bool:
+    return (path / "points.jsonl").is_file() or (path / "results.csv").is_file()
+
+
+def find_runs(path: str | Path) -> list[Path]:
+    """``path`` itself if it is a run folder, else its run sub-folders (e.g. ``results/``), oldest name first."""
+    path = Path(path)
+    if not path.is_dir():
+        raise RunError(f"{path}: no such folder")
+    if _is_run(path):
+        return [path]
+    runs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".") and _is_run(p))
+    if not runs:
+        raise RunError(f"{path}: no run here (expected points.jsonl or results.csv, or sub-folders holding them)")
+    return runs
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash mid-write; every finished point is on its own line
+    return rows
+
+
+def load_run(run_dir: str | Path) -> pd.DataFrame:
+    """One row per grid point, numeric columns as floats (NaN when unmeasured), in run order."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunError(f"{run_dir}: no such folder")
+    if (run_dir / "points.jsonl").is_file():
+        df = pd.DataFrame(_read_jsonl(run_dir / "points.jsonl"))
+    elif (run_dir / "results.csv").is_file():
+        df = pd.read_csv(run_dir / "results.csv")
+    else:
+        raise RunError(f"{run_dir}: not a run folder (no points.jsonl or results.csv)")
+    if df.empty:
+        raise RunError(f"{run_dir}: the run has no points yet")
+    for col in NUMERIC:
+        df[col] = pd.to_numeric(df[col], errors="coerce") if col in df else np.nan
+    for col in TEXT:
+        df[col] = df[col].fillna("").astype(str) if col in df else ""
+    df["noisy"] = df["noisy"].fillna(False).astype(bool) if "noisy" in df else False
+    # A resumed run may hold a point twice; the last record wins.
+    df = df.drop_duplicates(subset=KEYS, keep="last").reset_index(drop=True)
+    df.attrs["run_dir"] = str(run_dir)
+    return df
+
+
+def load_meta(run_dir: str | Path) -> dict:
+    """``config``, ``env`` and ``calibration`` of a run (each ``{}`` when the file is missing)."""
+    import yaml
+
+    run_dir = Path(run_dir)
+    out: dict = {"config": {}, "env": {}, "calibration": {}}
+    for key, name, reader in (("config", "config.yaml", yaml.safe_load), ("env", "env.json", json.loads),
+                              ("calibration", "calibration.json", json.loads)):
+        path = run_dir / name
+        if path.is_file():
+            try:
+                out[key] = reader(path.read_text()) or {}
+            except (ValueError, yaml.YAMLError):
+                out[key] = {}
+    return out
+
+
+def model_order(df: pd.DataFrame) -> list[str]:
+    """Models in the order the run first recorded them (config order), so colours and rows stay stable."""
+    return list(dict.fromkeys(df["model"]))
+
+
+def ok_rows(df: pd.DataFrame) -> pd.DataFrame:
+    return df[df["status"] == "ok"]
+
+
+# ---- exponent fits ------------------------------------------------------------------------------------
+
+
+def _t_two_sided_prob(theta: float, dof: int) -> float:
+    """P(|T| <= sqrt(dof) tan(theta)) for Student t with integer ``dof`` (A&S 26.7.3 / 26.7.4)."""
+    s, c = math.sin(theta), math.cos(theta)
+    if dof % 2 == 0:
+        term, total = 1.0, 1.0
+        for k in range(1, dof // 2):
+            term *= c * c * (2 * k - 1) / (2 * k)
+            total += term
+        return s * total
+    if dof == 1:
+        return 2 * theta / math.pi
+    term, total = c, c
+    for k in range(1, (dof - 1) // 2):
+        term *= c * c * (2 * k) / (2 * k + 1)
+        total += term
+    return 2 / math.pi * (theta + s * total)
+
+
+def t_quantile(level: float, dof: int) -> float:
+    """Two-sided Student t critical value: P(|T| <= q) = level (e.g. 0.95, dof=2 -> 4.303)."""
+    if dof < 1:
+        raise ValueError("need at least one degree of freedom")
+    if dof > 2000:  # normal quantile with the first Cornish-Fisher correction
+        lo, hi = 0.0, 10.0
+        for _ in range(100):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if math.erf(mid / math.sqrt(2)) < level else (lo, mid)
+        z = (lo + hi) / 2
+        return z + (z**3 + z) / (4 * dof)
+    lo, hi = 0.0, math.pi / 2
+    for _ in range(100):  # bisection on theta = atan(t / sqrt(dof)); the probability is monotone in theta
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _t_two_sided_prob(mid, dof) < level else (lo, mid)
+    return math.sqrt(dof) * math.tan((lo + hi) / 2)
+
+
+@dataclass
+class ExponentFit:
+    """A log-log slope with its uncertainty; ``status`` is "ok" or "too few points"."""
+
+    status: str
+    slope: float = math.nan
+    ci_low: float = math.nan
+    ci_high: float = math.nan
+    stderr: float = math.nan
+    r2: float = math.nan
+    intercept: float = math.nan
+    n_points: int = 0
+    l_min: float = math.nan
+    l_max: float = math.nan
+    local_slopes: list[tuple[float, float, float]] = field(default_factory=list)  # (l0, l1, slope)
+    asymptotic: bool = False
+
+    def local_str(self) -> str:
+        return " ".join(f"{s:+.2f}" for _, _, s in self.local_slopes)
+
+
+def fit_exponent(
+    lengths: Sequence[float], values: Sequence[float], min_points: int = 4, min_span: float = 8.0,
+    agree_tol: float = 0.1, level: float = 0.95, largest: bool = True,
+) -> ExponentFit:
+    """Log-log OLS slope of ``values`` against ``lengths``.
+
+    With ``largest`` the fit uses the smallest set of the largest lengths holding >= ``min_points`` points that
+    span >= ``min_span`` x; ``largest=False`` fits every point (the global slope). ``asymptotic`` is set only
+    when all local slopes inside the fitted range agree within ``agree_tol``. Non-positive or missing values
+    are dropped; repeated lengths are averaged in log space.
+    """
+    x = np.asarray(lengths, dtype=float)
+    y = np.asarray(values, dtype=float)
+    keep = np.isfinite(x) & np.isfinite(y) & (x > 0) & (y > 0)
+    frame = pd.DataFrame({"x": x[keep], "ly": np.log(y[keep])}).groupby("x", as_index=False).mean()
+    xs, ly = frame["x"].to_numpy(), frame["ly"].to_numpy()  # sorted by length
+    lx = np.log(xs)
+    local = [(float(xs[i]), float(xs[i + 1]), float((ly[i + 1] - ly[i]) / (lx[i + 1] - lx[i])))
+             for i in range(len(lx) - 1)]
+    start = None
+    if len(lx) >= min_points:
+        candidates = range(len(lx) - min_points, -1, -1) if largest else [0]
+        start = next((k for k in candidates if lx[-1] - lx[k] >= math.log(min_span) - 1e-12), None)
+    if start is None:
+        return ExponentFit("too few points", n_points=len(lx), local_slopes=local)
+    fx, fy = lx[start:], ly[start:]
+    n = len(fx)
+    dx, dy = fx - fx.mean(), fy - fy.mean()
+    sxx = float(dx @ dx)
+    slope = float(dx @ dy) / sxx
+    intercept = float(fy.mean() - slope * fx.mean())
+    resid = fy - (intercept + slope * fx)
+    ss_res, ss_tot = float(resid @ resid), float(dy @ dy)
+    stderr = math.sqrt(ss_res / (n - 2) / sxx)
+    half = t_quantile(level, n - 2) * stderr
+    scale = max(ss_tot, float(fy @ fy), 1.0) * 1e-20
+    r2 = 1.0 - ss_res / ss_tot if ss_tot > scale else (1.0 if ss_res <= scale else math.nan)
+    window = [s for _, _, s in local[start:]]
+    return ExponentFit(
+        "ok", slope, slope - half, slope + half, stderr, r2, intercept, n, float(xs[start]), float(xs[-1]), local,
+        bool(max(window) - min(window) <= agree_tol),
+    )
+
+
+def exponent_table(df: pd.DataFrame, **fit_kwargs) -> pd.DataFrame:
+    """One row per (model, workload, batch, metric) with the fitted exponent of the metric against L."""
+    rows = []
+    ok = ok_rows(df)
+    order = {m: i for i, m in enumerate(model_order(df))}
+    for (model, workload, batch), grp in ok.groupby(["model", "workload", "batch"], sort=False):
+        for metric in WORKLOAD_METRICS.get(workload, ()):
+            if grp[metric].notna().sum() == 0:
+                continue
+            fit = fit_exponent(grp["seq_len"], grp[metric], **fit_kwargs)
+            rows.append({
+                "model": model, "kind": grp["kind"].iloc[0], "workload": workload, "batch": int(batch),
+                "metric": metric, "label": f"{workload} {METRIC_LABELS[metric]}", "status": fit.status,
+                "slope": fit.slope, "ci_low": fit.ci_low, "ci_high": fit.ci_high, "r2": fit.r2, "n": fit.n_points,
+                "l_min": fit.l_min, "l_max": fit.l_max, "local_slopes": fit.local_str(), "asymptotic": fit.asymptotic,
+                "_order": order[model],
+            })
+    cols = ["model", "kind", "workload", "batch", "metric", "label", "status", "slope", "ci_low", "ci_high", "r2",
+            "n", "l_min", "l_max", "local_slopes", "asymptotic"]
+    if not rows:
+        return pd.DataFrame(columns=cols)
+    out = pd.DataFrame(rows)
+    wl = {w: i for i, w in enumerate(WORKLOAD_METRICS)}
+    out["_w"], out["_m"] = out["workload"].map(wl), out.apply(lambda r: WORKLOAD_METRICS[r.workload].index(r.metric), 1)
+    return out.sort_values(["_w", "batch", "_m", "_order"])[cols].reset_index(drop=True)
+
+
+# ---- crossovers ---------------------------------------------------------------------------------------
+
+
+def _side(a: pd.Series, b: pd.Series, margin: float) -> int:
+    """+1 when a is slower than b beyond both noise bands (and by > margin), -1 when faster, 0 when tied."""
+    if a["time_p25_s"] > b["time_p75_s"] and a["time_median_s"] > b["time_median_s"] * (1 + margin):
+        return 1
+    if a["time_p75_s"] < b["time_p25_s"] and a["time_median_s"] * (1 + margin) < b["time_median_s"]:
+        return -1
+    return 0
+
+
+def crossovers(df: pd.DataFrame, margin: float = 0.02) -> pd.DataFrame:
+    """Where one model's time overtakes another's, for every pair of models per (workload, batch).
+
+    A point is decided only when the p25..p75 bands of the two models do not overlap and the medians differ
+    by more than ``margin``; a crossover is two decided points of opposite sign (ties may lie between them).
+    The crossing length is interpolated in log-log space where the median ratio changes sides of 1.
+    """
+    rows = []
+    ok = ok_rows(df).copy()
+    for col in ("time_p25_s", "time_p75_s"):
+        ok[col] = ok[col].fillna(ok["time_median_s"])
+    models = model_order(df)
+    for (workload, batch), grp in ok.groupby(["workload", "batch"], sort=False):
+        for a, b in combinations([m for m in models if m in set(grp["model"])], 2):
+            ta = grp[grp["model"] == a].set_index("seq_len")
+            tb = grp[grp["model"] == b].set_index("seq_len")
+            shared = sorted(set(ta.index) & set(tb.index))
+            base = {"workload": workload, "batch": int(batch), "model_a": a, "model_b": b}
+            if len(shared) < 2:
+                rows.append({**base, "status": "too few shared lengths", "summary": "too few shared lengths"})
+                continue
+            ratio = np.array([ta.loc[L, "time_median_s"] / tb.loc[L, "time_median_s"] for L in shared])
+            sides = [_side(ta.loc[L], tb.loc[L], margin) for L in shared]
+            span = f"{shared[0]}–{shared[-1]}"
+            base |= {"ratio_min": float(ratio.min()), "ratio_max": float(ratio.max()), "lengths": span}
+            decided = [(i, s) for i, s in enumerate(sides) if s != 0]
+            found = False
+            for (i, si), (j, sj) in pairwise(decided):
+                if si == sj:
+                    continue
+                k = next(k for k in range(i, j) if (ratio[k] - 1) * (ratio[k + 1] - 1) <= 0)
+                lr0, lr1 = math.log(ratio[k]), math.log(ratio[k + 1])
+                frac = lr0 / (lr0 - lr1) if lr0 != lr1 else 0.5
+                cross = math.exp(math.log(shared[k]) + frac * (math.log(shared[k + 1]) - math.log(shared[k])))
+                before, after = (b, a) if si > 0 else (a, b)
+                rows.append({**base, "status": "crossover", "l_below": shared[i], "l_above": shared[j],
+                             "l_cross": cross, "faster_before": before, "faster_after": after,
+                             "summary": f"{after} faster from ~{cross:.0f} (between {shared[i]} and {shared[j]}); "
+                                        f"{before} faster below"})
+                found = True
+            if not found:
+                signs = {s for _, s in decided}
+                if signs == {1}:
+                    text = f"{b} faster at every decided length"
+                elif signs == {-1}:
+                    text = f"{a} faster at every decided length"
+                else:
+                    text = "tied within noise"
+                if decided and len(decided) < len(shared):
+                    text += f" ({len(shared) - len(decided)} of {len(shared)} lengths tied within noise)"
+                rows.append({**base, "status": "none in range", "summary": f"none in {span}: {text}"})
+    cols = ["workload", "batch", "model_a", "model_b", "status", "l_below", "l_above", "l_cross", "faster_before",
+            "faster_after", "ratio_min", "ratio_max", "lengths", "summary"]
+    return pd.DataFrame(rows).reindex(columns=cols)
+
+
+# ---- tables -------------------------------------------------------------------------------------------
+
+
+def pivot(df: pd.DataFrame, metric: str, workload: str | None = None, batch: int | None = None) -> pd.DataFrame:
+    """Model x L table of ``metric`` (NaN where the point failed); rows are (model, batch) when batches vary."""
+    sel = df if workload is None else df[df["workload"] == workload]
+    if batch is not None:
+        sel = sel[sel["batch"] == batch]
+    vals = sel.assign(value=sel[metric].where(sel["status"] == "ok"))
+    index = ["model"] if sel["batch"].nunique() <= 1 else ["model", "batch"]
+    table = vals.pivot_table(index=index, columns="seq_len", values="value", aggfunc="first", dropna=False)
+    order = [m for m in model_order(df) if m in set(sel["model"])]
+    table = table.reindex(order, level=0) if len(index) > 1 else table.reindex(order)
+    table.columns = [int(c) for c in table.columns]
+    return table
+
+
+def status_pivot(df: pd.DataFrame, workload: str, batch: int | None = None) -> pd.DataFrame:
+    """Model x L table of statuses, aligned with :func:`pivot`."""
+    sel = df[df["workload"] == workload]
+    if batch is not None:
+        sel = sel[sel["batch"] == batch]
+    index = ["model"] if sel["batch"].nunique() <= 1 else ["model", "batch"]
+    table = sel.pivot_table(index=index, columns="seq_len", values="status", aggfunc="first")
+    order = [m for m in model_order(df) if m in set(sel["model"])]
+    table = table.reindex(order, level=0) if len(index) > 1 else table.reindex(order)
+    table.columns = [int(c) for c in table.columns]
+    return table
+
+
+# ---- human units --------------------------------------------------------------------------------------
+
+
+def fmt_seconds(x: float) -> str:
+    if not np.isfinite(x):
+        return "–"
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6), ("ns", 1e-9)):
+        if abs(x) >= scale or unit == "ns":
+            return f"{x / scale:.3g} {unit}"
+    return f"{x:g} s"
+
+
+def fmt_bytes(x: float) -> str:
+    if not np.isfinite(x):
+        return "–"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g} {unit}"
+    return f"{x:.0f} B"
+
+
+def fmt_count(x: float, unit: str = "") -> str:
+    if not np.isfinite(x):
+        return "–"
+    for prefix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g} {prefix}{unit}".rstrip()
+    return f"{x:.3g} {unit}".rstrip()
+
+
+def fmt_metric(x: float, metric: str) -> str:
+    """Format a value of a result column by the unit in its name."""
+    if metric.endswith("_bytes"):
+        return fmt_bytes(x)
+    if metric.endswith("_per_s"):
+        return fmt_count(x, "tok/s" if metric == "tokens_per_s" else "/s")
+    if metric.endswith("_s"):
+        return fmt_seconds(x)
+    return fmt_count(x)

@@ -1,0 +1,331 @@
+"""Figures of a run: log-log scaling curves, cache sizes, exponents with CIs and a roofline view.
+
+Every figure uses the same colour per model, marks failed points (OOM, timeout, error, skipped) on the top
+edge of the axes instead of dropping them, shades the p25..p75 band of timed metrics, and names the device,
+dtype and batch in its titles. The roofline view follows Williams, Waterman & Patterson, "Roofline: an
+insightful visual performance model for multicore architectures" (CACM 2009). matplotlib is imported lazily
+and used through ``Figure`` objects (Agg/SVG canvases), never pyplot, so nothing global is touched.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from seqbench.analysis import STATUS_LABELS, exponent_table, fmt_bytes, load_meta, load_run, model_order, ok_rows
+
+FAIL_MARKERS = {"oom": "X", "oom_killed": "X", "timeout": "d", "error": "*", "skipped_after_oom": "x",
+                "skipped_after_timeout": "x"}
+WORKLOAD_MARKERS = {"prefill": "o", "decode": "s", "train": "^"}
+CACHE_KIND = {"attention": "KV cache", "hybrid": "KV cache + state"}
+TIME_UNITS = (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6))
+RATE_UNITS = (("M tokens/s", 1e6), ("k tokens/s", 1e3), ("tokens/s", 1.0))
+
+
+def model_colors(models: list[str]) -> dict[str, tuple]:
+    """A fixed colour per model, by its position in the run (tab10, then tab20 for larger runs)."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if len(models) <= 10 else "tab20"]
+    return {m: cmap(i % cmap.N) for i, m in enumerate(models)}
+
+
+def _device_label(df: pd.DataFrame, meta: dict) -> str:
+    env = meta.get("env", {})
+    device = str(df["device"].iloc[0]) if len(df) else env.get("device", "?")
+    name = env.get("device_name") or env.get("cpu_model") or ""
+    threads = env.get("threads") or (int(df["threads"].iloc[0]) if df["threads"].notna().any() else None)
+    dtype = df["dtype"].iloc[0] if len(df) else env.get("dtype", "?")
+    parts = [f"{device} ({name})" if name and name != device else device, dtype]
+    if threads and device == "cpu":
+        parts.append(f"{threads} threads")
+    return " · ".join(parts)
+
+
+def _pick_unit(values: pd.Series, units: tuple) -> tuple[str, float]:
+    v = values[np.isfinite(values) & (values > 0)]
+    ref = float(v.median()) if len(v) else 1.0
+    return next(((u, s) for u, s in units if ref >= s), units[-1])
+
+
+def _scaled_axis(axis, scale: float) -> None:
+    """Log axis whose tick labels are values / scale; minor ticks are labelled when few decades are shown."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    def label(v, _pos):
+        return f"{v / scale:.3g}"
+
+    lo, hi = axis.get_view_interval()
+    axis.set_major_locator(LogLocator(base=10))
+    axis.set_major_formatter(FuncFormatter(label))
+    if hi / max(lo, 1e-300) < 30:  # under ~1.5 decades there may be no major tick at all
+        axis.set_minor_locator(LogLocator(base=10, subs=(2, 3, 5)))
+        axis.set_minor_formatter(FuncFormatter(label))
+    else:
+        axis.set_minor_formatter(NullFormatter())
+
+
+def _bytes_axis(axis) -> None:
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.set_major_locator(LogLocator(base=2, numticks=8))
+    axis.set_major_formatter(FuncFormatter(lambda v, _p: fmt_bytes(v)))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _length_axis(ax, lengths: list[int]) -> None:
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
+
+    ax.set_xscale("log", base=2)
+    shown = lengths if len(lengths) <= 10 else lengths[::2]
+    ax.xaxis.set_major_locator(FixedLocator(shown))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:.0f}" if v < 1e5 else f"{v / 1024:.0f}k"))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    if len(lengths) > 1:
+        ax.set_xlim(lengths[0] / 1.25, lengths[-1] * 1.25)
+
+
+def _mark_failures(ax, sub: pd.DataFrame, color, slot: int) -> set[str]:
+    """Failed points of one series as markers on the top edge (x = length, y in axes coordinates)."""
+    seen = set()
+    for status, grp in sub[sub["status"] != "ok"].groupby("status"):
+        skipped = status.startswith("skipped")
+        ax.scatter(grp["seq_len"], [0.97 - 0.045 * slot] * len(grp), transform=ax.get_xaxis_transform(),
+                   marker=FAIL_MARKERS.get(status, "*"), s=30 if skipped else 70, color=color, clip_on=False,
+                   alpha=0.55 if skipped else 1.0, zorder=5, linewidths=1.2)
+        seen.add(status)
+    return seen
+
+
+def _fail_handles(statuses: set[str]) -> list:
+    from matplotlib.lines import Line2D
+
+    handles = []
+    for status in sorted(statuses, key=list(FAIL_MARKERS).index):
+        label = STATUS_LABELS.get(status, status)
+        if any(h.get_label() == label for h in handles):
+            continue
+        handles.append(Line2D([], [], ls="", marker=FAIL_MARKERS.get(status, "*"), color="0.3", label=label))
+    return handles
+
+
+def _series_panel(ax, df: pd.DataFrame, metric: str, colors: dict, slopes: dict, band: str | None,
+                  label_fn=None) -> set[str]:
+    """One line per model of ``metric`` vs L; ``band`` "time" or "rate" shades p25..p75 of the timing."""
+    from matplotlib.lines import Line2D
+
+    statuses: set[str] = set()
+    handles = []
+    slot = 0
+    for model in (m for m in colors if m in set(df["model"])):
+        sub = df[df["model"] == model].sort_values("seq_len")
+        ok = sub[(sub["status"] == "ok") & sub[metric].notna()]
+        color = colors[model]
+        if len(ok):
+            ax.plot(ok["seq_len"], ok[metric], "-", color=color, lw=1.6)
+            noisy = ok["noisy"].to_numpy(bool) & (band is not None)  # the flag is about timing noise
+            ax.scatter(ok["seq_len"][~noisy], ok[metric][~noisy], color=color, s=22, zorder=4)
+            ax.scatter(ok["seq_len"][noisy], ok[metric][noisy], facecolor="white", edgecolor=color, s=26, zorder=4)
+            if band == "time":
+                ax.fill_between(ok["seq_len"], ok["time_p25_s"], ok["time_p75_s"], color=color, alpha=0.15, lw=0)
+            elif band == "rate":
+                toks = ok["batch"] * ok["seq_len"]
+                ax.fill_between(ok["seq_len"], toks / ok["time_p75_s"], toks / ok["time_p25_s"], color=color,
+                                alpha=0.15, lw=0)
+        failed = _mark_failures(ax, sub, color, slot)
+        slot += bool(failed)
+        statuses |= failed
+        slope = slopes.get(model)
+        label = model + (f" ({label_fn(sub)})" if label_fn else "")
+        label += f"  $\\propto L^{{{slope:.2f}}}$" if slope is not None and np.isfinite(slope) else ""
+        handles.append(Line2D([], [], color=color, marker="o", ms=4, label=label))
+    ax.set_yscale("log")
+    ax.grid(True, which="major", alpha=0.3)
+    if slot:  # headroom above the data for the failure markers of `slot` series
+        lo, hi = ax.get_ylim()
+        frac = 0.06 + 0.045 * slot
+        ax.set_ylim(lo, math.exp(math.log(lo) + (math.log(hi) - math.log(lo)) / (1 - frac)))
+    if band is not None and df["noisy"].any():
+        handles.append(Line2D([], [], ls="", marker="o", mfc="white", color="0.3", label="noisy (IQR > 10%)"))
+    # Outside the axes, so it never hides a curve or a failure marker on the top edge.
+    ax.legend(handles=handles + _fail_handles(statuses), fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              borderaxespad=0, frameon=False)
+    return statuses
+
+
+def _grid(df: pd.DataFrame, workloads: list[str]) -> list[tuple[str, int]]:
+    return [(w, int(b)) for w in workloads for b in sorted(df[df["workload"] == w]["batch"].unique())]
+
+
+def _save(fig, out_dir: Path, stem: str, formats: tuple[str, ...]) -> list[Path]:
+    import matplotlib
+
+    paths = []
+    with matplotlib.rc_context({"svg.hashsalt": "seqbench"}):
+        for ext in formats:
+            path = out_dir / f"{stem}.{ext}"
+            fig.savefig(path, dpi=150, metadata={"Date": None} if ext == "svg" else None)
+            paths.append(path)
+    return paths
+
+
+def _curve_figure(df, meta, colors, fits, workloads, metric, title, ylabel, kind, band=None, label_fn=None):
+    """A row of panels, one per (workload, batch) present; ``kind`` picks the y formatting."""
+    from matplotlib.figure import Figure
+
+    cells = _grid(df, workloads)
+    if not cells:
+        return None
+    fig = Figure(figsize=(6.6 * len(cells), 4.4), layout="constrained")
+    axes = fig.subplots(1, len(cells), squeeze=False)[0]
+    for ax, (workload, batch) in zip(axes, cells, strict=True):
+        sel = df[(df["workload"] == workload) & (df["batch"] == batch)]
+        key = fits[(fits["workload"] == workload) & (fits["batch"] == batch) & (fits["metric"] == metric)]
+        slopes = {r.model: r.slope for r in key.itertuples() if r.status == "ok"}
+        _series_panel(ax, sel, metric, colors, slopes, band, label_fn)
+        _length_axis(ax, sorted(int(x) for x in sel["seq_len"].unique()))
+        ok = ok_rows(sel)[metric]
+        if kind == "bytes":
+            _bytes_axis(ax.yaxis)
+            ax.set_ylabel(ylabel)
+        else:
+            unit, scale = _pick_unit(ok, TIME_UNITS if kind == "time" else RATE_UNITS)
+            _scaled_axis(ax.yaxis, scale)
+            ax.set_ylabel(ylabel.format(unit=unit))
+        ax.set_xlabel("context length L [tokens]" if workload == "decode" else "sequence length L [tokens]")
+        ax.set_title(f"{workload}, batch {batch}", fontsize=10)
+    fig.suptitle(f"{title}\n{_device_label(df, meta)}", fontsize=11)
+    note = "slopes: log-log OLS on the largest lengths" + ("; shaded: p25–p75 of the timing" if band else "")
+    fig.supxlabel(note, fontsize=7, color="0.4", x=0.99, ha="right")
+    return fig
+
+
+def _cache_label(series: pd.DataFrame) -> str:
+    return CACHE_KIND.get(series["kind"].iloc[0], "recurrent state")
+
+
+def _exponent_figure(df, meta, colors, fits):
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    fits = fits[fits["metric"] != "tokens_per_s"]  # the mirror image of the time slope
+    panels = list(dict.fromkeys(zip(fits["label"], fits["batch"], strict=True)))
+    if not panels:
+        return None
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    models = [m for m in colors if m in set(fits["model"])]
+    fig = Figure(figsize=(4.4 * ncols, 0.45 * len(models) * nrows + 1.6 * nrows + 0.6), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, (label, batch) in zip(axes, panels, strict=False):
+        sub = fits[(fits["label"] == label) & (fits["batch"] == batch)].set_index("model")
+        for ref in (0, 1, 2):
+            ax.axvline(ref, color="0.75", lw=0.8, ls=":")
+        for y, model in enumerate(models):
+            if model not in sub.index:
+                continue
+            r = sub.loc[model]
+            if r["status"] != "ok":
+                ax.text(0.02, y, "too few points", va="center", fontsize=7.5, color="0.4",
+                        transform=ax.get_yaxis_transform())
+                continue
+            err = [[r["slope"] - r["ci_low"]], [r["ci_high"] - r["slope"]]]
+            ax.errorbar(r["slope"], y, xerr=err, fmt="o", color=colors[model], capsize=3, ms=6,
+                        mfc=colors[model] if r["asymptotic"] else "white")
+        ranges = {m: f"\nL {sub.loc[m, 'l_min']:.0f}–{sub.loc[m, 'l_max']:.0f}" if m in sub.index
+                  and sub.loc[m, "status"] == "ok" else "" for m in models}
+        ax.set_yticks(range(len(models)), [m + ranges[m] for m in models], fontsize=7.5)
+        ax.set_ylim(len(models) - 0.5, -0.5)
+        ax.set_title(f"{label}, batch {batch}", fontsize=9.5)
+        ax.set_xlabel("exponent k in cost ∝ L^k", fontsize=8.5)
+        ax.grid(True, axis="x", alpha=0.3)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    handles = [Line2D([], [], ls="", marker="o", color="0.3", label="asymptotic (local slopes agree within 0.1)"),
+               Line2D([], [], ls="", marker="o", mfc="white", color="0.3", label="not yet asymptotic")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=8)
+    fig.suptitle(f"Scaling exponents with 95% CIs (largest lengths)\n{_device_label(df, meta)}", fontsize=11)
+    return fig
+
+
+def _roofline_figure(df, meta, colors):
+    """Achieved FLOP/s against arithmetic intensity, under the calibrated compute and bandwidth roofs."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    cal = meta.get("calibration") or {}
+    peak_f, peak_b = cal.get("peak_flops_per_s"), cal.get("peak_bytes_per_s")
+    ok = ok_rows(df)
+    ok = ok[(ok["achieved_flops_per_s"] > 0) & (ok["achieved_bytes_per_s"] > 0)]
+    if not peak_f or not peak_b or ok.empty:
+        return None
+    intensity = ok["achieved_flops_per_s"] / ok["achieved_bytes_per_s"]  # FLOP per byte moved
+    fig = Figure(figsize=(8.4, 5.0), layout="constrained")
+    ax = fig.subplots()
+    lo, hi = min(intensity.min(), peak_f / peak_b) / 4, max(intensity.max(), peak_f / peak_b) * 4
+    xs = np.geomspace(lo, hi, 200)
+    ax.plot(xs, np.minimum(peak_f, xs * peak_b), color="0.2", lw=2)
+    ax.text(hi, peak_f * 1.15, f"peak {peak_f / 1e9:.3g} GFLOP/s", ha="right", fontsize=8)
+    ax.text(lo * 1.3, lo * 1.3 * peak_b * 1.3, f"{peak_b / 1e9:.3g} GB/s", fontsize=8, rotation=0)
+    for (model, workload, _batch), grp in ok.assign(ai=intensity).groupby(["model", "workload", "batch"], sort=False):
+        grp = grp.sort_values("seq_len")
+        ax.plot(grp["ai"], grp["achieved_flops_per_s"], "-", color=colors[model], lw=0.8, alpha=0.6)
+        sizes = 12 + 50 * (np.log2(grp["seq_len"]) - np.log2(ok["seq_len"].min())) / max(
+            np.log2(ok["seq_len"].max() / ok["seq_len"].min()), 1)  # marker area grows with L
+        ax.scatter(grp["ai"], grp["achieved_flops_per_s"], s=sizes, color=colors[model], alpha=0.8,
+                   marker=WORKLOAD_MARKERS.get(workload, "o"), edgecolor="white", linewidths=0.5)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("arithmetic intensity [FLOP/byte]")
+    ax.set_ylabel("achieved [FLOP/s]")
+    ax.grid(True, alpha=0.3)
+    handles = [Line2D([], [], color=colors[m], lw=2, label=m) for m in colors if m in set(ok["model"])]
+    handles += [Line2D([], [], ls="", marker=mk, color="0.3", label=w)
+                for w, mk in WORKLOAD_MARKERS.items() if w in set(ok["workload"])]
+    handles.append(Line2D([], [], ls="", color="none", label=f"marker size: L = {int(ok['seq_len'].min())}"
+                          f" … {int(ok['seq_len'].max())}"))
+    ax.legend(handles=handles, fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.set_title(f"Roofline: achieved vs calibrated peak (batch {', '.join(map(str, sorted(ok['batch'].unique())))})"
+                 f"\n{_device_label(df, meta)}", fontsize=10)
+    return fig
+
+
+def make_plots(run_dir: str | Path, df: pd.DataFrame | None = None, meta: dict | None = None,
+               formats: tuple[str, ...] = ("png", "svg")) -> list[Path]:
+    """Write every figure the run's data supports into ``run_dir/plots``; returns the written files."""
+    run_dir = Path(run_dir)
+    df = load_run(run_dir) if df is None else df
+    meta = load_meta(run_dir) if meta is None else meta
+    names = [m.get("name") for m in (meta.get("config") or {}).get("models", []) if isinstance(m, dict)]
+    colors = model_colors(list(dict.fromkeys([n for n in names if n in set(df["model"])] + model_order(df))))
+    fits = exponent_table(df)
+    out_dir = run_dir / "plots"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures = {
+        "prefill_throughput": _curve_figure(df, meta, colors, fits, ["prefill"], "tokens_per_s",
+                                            "Prefill throughput vs sequence length", "throughput [{unit}]",
+                                            "rate", band="rate"),
+        "decode_latency": _curve_figure(df, meta, colors, fits, ["decode"], "latency_per_token_s",
+                                        "Per-token decode latency vs context length", "latency per token [{unit}]",
+                                        "time", band="time"),
+        "cache_bytes": _curve_figure(df, meta, colors, fits, ["decode"], "cache_bytes",
+                                     "Cache size after a context of L tokens (KV cache vs recurrent state)",
+                                     "cache size [bytes, binary units]", "bytes", label_fn=_cache_label),
+        "peak_memory": _curve_figure(df, meta, colors, fits, ["prefill", "decode", "train"], "peak_mem_bytes",
+                                     "Peak memory of the measured call above its baseline",
+                                     "peak memory [bytes, binary units]", "bytes"),
+        "train_throughput": _curve_figure(df, meta, colors, fits, ["train"], "tokens_per_s",
+                                          "Training step (forward + backward) throughput vs sequence length",
+                                          "throughput [{unit}]", "rate", band="rate"),
+        "exponents": _exponent_figure(df, meta, colors, fits),
+        "roofline": _roofline_figure(df, meta, colors),
+    }
+    written = []
+    for stem, fig in figures.items():
+        if fig is not None:
+            written += _save(fig, out_dir, stem, formats)
+    return written

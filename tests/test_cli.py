@@ -1,0 +1,115 @@
+"""The command line end to end: runs write complete run folders; interrupts keep points; resume completes."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from seqbench.cli import app
+from seqbench.config import load_experiment
+from seqbench.point import COLUMNS
+from seqbench.sweep import plan_grid
+
+from conftest import ROOT
+
+DESIGN_COLUMNS = """run_id model kind layout impl_used device dtype threads workload batch seq_len new_tokens status
+error n_samples first_call_s time_median_s time_p25_s time_p75_s time_min_s iqr_ratio noisy tokens_per_s
+latency_per_token_s cache_bytes peak_mem_bytes param_count param_bytes flops_per_token achieved_flops_per_s
+achieved_bytes_per_s""".split()
+
+
+def _run_dir(base: Path) -> Path:
+    (run,) = [p for p in base.iterdir() if p.is_dir()]
+    return run
+
+
+def test_design_columns_are_all_present():
+    assert set(DESIGN_COLUMNS) <= set(COLUMNS)
+
+
+def test_smoke_config_runs_and_plots(tmp_path):
+    config = Path(ROOT) / "configs" / "smoke.yaml"
+    runner = CliRunner()
+    result = runner.invoke(app, ["run", str(config), "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    run = _run_dir(tmp_path)
+    for name in ("config.yaml", "env.json", "points.jsonl", "results.csv", "summary.md"):
+        assert (run / name).is_file(), name
+    rows = [json.loads(line) for line in (run / "points.jsonl").read_text().splitlines()]
+    assert len(rows) == len(plan_grid(load_experiment(config)))
+    assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
+    with open(run / "results.csv") as f:
+        header = next(csv.reader(f))
+    assert header[: len(DESIGN_COLUMNS)] == DESIGN_COLUMNS
+    result = runner.invoke(app, ["plot", str(run)])
+    assert result.exit_code == 0, result.output
+    pngs = list((run / "plots").glob("*.png"))
+    assert pngs and all(p.stat().st_size > 1000 and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    assert (run / "report.md").is_file()
+
+
+def test_dry_run_measures_nothing(tmp_path, write_config):
+    path = write_config("""
+name: dry
+models: [{name: a, kind: attention, d_model: 64, n_layers: 2, n_heads: 4}]
+sweep: {seq_lens: 16..64 x2, workloads: [prefill, decode]}
+""")
+    result = CliRunner().invoke(app, ["run", str(path), "--dry-run", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    assert "6 points" in result.output and "a" in result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_resume_of_a_folder_that_is_not_a_run(tmp_path, write_config):
+    path = write_config("name: r\nmodels: [{name: a, kind: attention, preset: tiny}]\nsweep: {seq_lens: [16]}\n")
+    result = CliRunner().invoke(app, ["run", str(path), "--resume", str(tmp_path)])
+    assert result.exit_code == 2 and "not a run folder" in result.output
+
+
+SLOW_GRID = """
+name: sigint
+device: cpu
+threads: 1
+models:
+  - {name: a, kind: attention, d_model: 32, n_layers: 1, n_heads: 2}
+  - {name: b, kind: attention, d_model: 64, n_layers: 1, n_heads: 2}
+sweep: {seq_lens: 16..2048 x2, workloads: [prefill, decode], new_tokens: 4}
+measure: {warmup: 1, min_samples: 3, min_time_s: 0.25, calibrate: false}
+"""
+
+
+def test_sigint_keeps_points_and_resume_completes_without_duplicates(tmp_path, write_config):
+    config = write_config(SLOW_GRID)
+    out = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "seqbench.cli", "run", str(config), "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
+    deadline = time.monotonic() + 120
+    points = None
+    while time.monotonic() < deadline:
+        runs = list(out.glob("sigint-*/points.jsonl")) if out.exists() else []
+        if runs and len(runs[0].read_text().splitlines()) >= 3:
+            points = runs[0]
+            break
+        time.sleep(0.1)
+    assert points is not None, "the run produced no points"
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    kept = len(points.read_text().splitlines())
+    total = len(plan_grid(load_experiment(config)))
+    assert 3 <= kept < total
+    run = points.parent
+    assert "--resume" in " ".join(stderr.split()) and (run / "results.csv").is_file()
+
+    resumed = subprocess.run([*cmd[:-2], "--resume", str(run)], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    rows = [json.loads(line) for line in points.read_text().splitlines()]
+    keys = [(r["model"], r["workload"], r["batch"], r["seq_len"]) for r in rows]
+    assert len(keys) == len(set(keys)) == total
+    assert set(keys) == set(plan_grid(load_experiment(config)))
