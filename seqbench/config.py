@@ -161,6 +161,14 @@ class MeasureSpec(_Strict):
     calibrate: bool = True
 
 
+class MatchSpec(_Strict):
+    """Resize every model to the reference model's non-embedding parameter count (see seqbench/matching.py)."""
+
+    to: str
+    tolerance: Annotated[float, Field(gt=0, lt=1)] = 0.05
+    by: Literal["d_model", "n_layers"] = "d_model"
+
+
 class Experiment(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
@@ -170,6 +178,7 @@ class Experiment(_Strict):
     models: list[ModelSpec]
     sweep: SweepSpec
     measure: MeasureSpec = MeasureSpec()
+    match_params: MatchSpec | None = None
     output_dir: str = "results"
 
     @field_validator("models")
@@ -212,7 +221,7 @@ def _fields_at(loc: tuple) -> list[str]:
         if ann is None:
             break
         target = ann.annotation
-        for candidate in (ModelSpec, SweepSpec, MeasureSpec):
+        for candidate in (ModelSpec, SweepSpec, MeasureSpec, MatchSpec):
             if target is candidate or candidate in getattr(target, "__args__", ()):
                 model = candidate
     return list(model.model_fields)
@@ -254,7 +263,12 @@ def experiment_from_dict(raw: Any, source: str = "<config>") -> Experiment:
         from seqbench.models.presets import apply_presets
 
         raw = apply_presets(raw)
-        return Experiment.model_validate(raw)
+        exp = Experiment.model_validate(raw)
+        if exp.match_params is not None:
+            from seqbench.matching import match_params
+
+            exp, _ = match_params(exp)
+        return exp
     except ValidationError as e:
         lines = [_format_error(err) for err in e.errors()]
         raise ConfigError(f"{source}: " + ("\n  ".join([""] + lines) if len(lines) > 1 else lines[0])) from None

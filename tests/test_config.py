@@ -79,3 +79,27 @@ def test_missing_file_exits_2(tmp_path):
     result = CliRunner().invoke(app, ["validate", str(tmp_path / "nope.yaml")])
     assert result.exit_code == 2
     assert "no such config file" in " ".join(result.output.split())
+
+
+def test_match_params_resizes_within_tolerance(write_config):
+    from seqbench.models import describe_model
+
+    exp = load_experiment(write_config("""
+name: matched
+models:
+  - {name: ref, kind: attention, d_model: 128, n_layers: 2, n_heads: 4}
+  - {name: s4, kind: s4d, d_model: 64, n_layers: 2, d_state: 16}
+  - {name: narrow, kind: attention, d_model: 32, n_layers: 2, n_heads: 4}
+sweep: {seq_lens: [16]}
+match_params: {to: ref, tolerance: 0.05}
+"""))
+    counts = {m.name: describe_model(m, 1)["params_non_embedding"] for m in exp.models}
+    assert exp.models[2].d_model == 128  # same architecture -> same size
+    assert exp.models[1].d_model != 64
+    assert abs(counts["s4"] / counts["ref"] - 1) <= 0.05
+
+
+def test_match_params_unknown_reference_exits_2(write_config):
+    path = write_config(GOOD + "match_params: {to: nobody}\n")
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2 and "match_params.to: 'nobody' is not a model" in " ".join(result.output.split())

@@ -1,0 +1,65 @@
+"""Match parameter counts across architectures: resize every model to the non-embedding parameter count of a
+reference model, within a tolerance, by changing one size (``d_model`` or ``n_layers``).
+
+Comparisons at equal parameter count are the convention of the Mamba and Mamba-2 papers' scaling plots;
+embedding and LM-head rows are excluded because they do not depend on the architecture.
+"""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+from seqbench.config import Experiment, ModelSpec
+
+
+def _count(spec: ModelSpec) -> int:
+    from seqbench.models import describe_model
+
+    return describe_model(spec, 1)["params_non_embedding"]
+
+
+def _candidates(spec: ModelSpec, by: str, limit: int) -> list[ModelSpec]:
+    """Valid resized specs in increasing size (sizes that break a divisibility rule are left out)."""
+    out = []
+    values = range(8, limit + 1, 8) if by == "d_model" else range(1, limit + 1)
+    for v in values:
+        try:
+            out.append(ModelSpec.model_validate({**spec.model_dump(), by: v}))
+        except ValidationError:
+            continue
+    return out
+
+
+def match_params(exp: Experiment) -> tuple[Experiment, list[dict]]:
+    """Return the experiment with resized models and one report row per model."""
+    m = exp.match_params
+    names = [s.name for s in exp.models]
+    if m.to not in names:
+        raise ValueError(f"match_params.to: '{m.to}' is not a model of this experiment; models: {', '.join(names)}")
+    ref = exp.models[names.index(m.to)]
+    target = _count(ref)
+    models, report = [], []
+    for spec in exp.models:
+        if spec.name == ref.name:
+            models.append(spec)
+            report.append({"model": spec.name, m.by: getattr(spec, m.by), "params_non_embedding": target, "rel_diff": 0.0})
+            continue
+        limit = 4 * max(spec.d_model, ref.d_model) if m.by == "d_model" else 4 * max(spec.n_layers, ref.n_layers)
+        cands = _candidates(spec, m.by, limit)
+        lo, hi = 0, len(cands) - 1
+        while lo < hi:  # parameter count grows with either size: bisect for the first candidate >= target
+            mid = (lo + hi) // 2
+            if _count(cands[mid]) < target:
+                lo = mid + 1
+            else:
+                hi = mid
+        best = min(cands[max(0, lo - 1) : lo + 1], key=lambda s: abs(_count(s) - target))
+        count = _count(best)
+        rel = count / target - 1
+        if abs(rel) > m.tolerance:
+            raise ValueError(f"match_params: model '{spec.name}' gets no closer than {rel:+.1%} to {target:,} "
+                             f"non-embedding parameters by changing {m.by} (tolerance {m.tolerance:.0%}); "
+                             f"try by: {'n_layers' if m.by == 'd_model' else 'd_model'} or a larger tolerance")
+        models.append(best)
+        report.append({"model": spec.name, m.by: getattr(best, m.by), "params_non_embedding": count, "rel_diff": rel})
+    return exp.model_copy(update={"models": models}), report
