@@ -110,7 +110,8 @@ def run(
     interrupted = False
     with progress:
         try:
-            sweep.run_sweep(state, on_start, on_done)
+            sweep.run_sweep(state, on_start, on_done,
+                            on_wait=lambda: err.print("another seqbench run is measuring on this machine; waiting for it"))
         except sweep.Interrupted:
             interrupted = True
     sweep.write_tables(state)

@@ -9,11 +9,15 @@ torch's allocations and ``ru_maxrss`` cannot be reset, so neither is used.
 
 from __future__ import annotations
 
+import fcntl
 import math
+import os
 import statistics
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -115,6 +119,29 @@ def time_repeated(
 def _check(deadline: float) -> None:
     if time.monotonic() > deadline:
         raise PointTimeout("per-point time budget exhausted")
+
+
+# ---- one benchmark at a time --------------------------------------------------------------------------
+
+
+@contextmanager
+def exclusive_machine(on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold a machine-wide lock while measuring: two sweeps at once would disturb each other's figures.
+
+    If another seqbench sweep holds it, call ``on_wait`` and block until it is released.
+    """
+    path = os.path.join(tempfile.gettempdir(), f"seqbench-{os.getuid()}.lock")
+    with open(path, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait:
+                on_wait()
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # ---- memory -------------------------------------------------------------------------------------------

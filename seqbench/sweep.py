@@ -21,7 +21,7 @@ import yaml
 from seqbench.config import Experiment
 from seqbench.env import resolve_device, snapshot
 from seqbench.executors import EXECUTORS
-from seqbench.measure import calibrate
+from seqbench.measure import calibrate, exclusive_machine
 from seqbench.models import DTYPES
 from seqbench.point import COLUMNS, PointSpec, base_row
 
@@ -114,8 +114,17 @@ def run_sweep(
     state: SweepState,
     on_start: Callable[[Key, int, int], None] | None = None,
     on_done: Callable[[Key, dict, int, int], None] | None = None,
+    on_wait: Callable[[], None] | None = None,
 ) -> list[dict]:
     """Run every grid point not yet in ``state``; returns all rows in grid order. Raises Interrupted on SIGINT/SIGTERM."""
+    try:
+        with exclusive_machine(on_wait):
+            return _run_sweep(state, on_start, on_done)
+    except KeyboardInterrupt:  # arrived while waiting for the lock
+        raise Interrupted from None
+
+
+def _run_sweep(state: SweepState, on_start, on_done) -> list[dict]:
     exp = state.exp
     if exp.threads:
         torch.set_num_threads(exp.threads)
