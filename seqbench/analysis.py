@@ -339,26 +339,17 @@ def crossovers(df: pd.DataFrame, margin: float = 0.02) -> pd.DataFrame:
 
 
 def pivot(df: pd.DataFrame, metric: str, workload: str | None = None, batch: int | None = None) -> pd.DataFrame:
-    """Model x L table of ``metric`` (NaN where the point failed); rows are (model, batch) when batches vary."""
+    """Model x L table of ``metric`` (NaN where the point failed; "status" and "noisy" are shown as recorded).
+
+    Rows are models in run order, or (model, batch) when the selection holds several batches.
+    """
     sel = df if workload is None else df[df["workload"] == workload]
     if batch is not None:
         sel = sel[sel["batch"] == batch]
-    vals = sel.assign(value=sel[metric].where(sel["status"] == "ok"))
+    raw = metric in ("status", "noisy")
+    vals = sel.assign(value=sel[metric] if raw else sel[metric].where(sel["status"] == "ok"))
     index = ["model"] if sel["batch"].nunique() <= 1 else ["model", "batch"]
-    table = vals.pivot_table(index=index, columns="seq_len", values="value", aggfunc="first", dropna=False)
-    order = [m for m in model_order(df) if m in set(sel["model"])]
-    table = table.reindex(order, level=0) if len(index) > 1 else table.reindex(order)
-    table.columns = [int(c) for c in table.columns]
-    return table
-
-
-def status_pivot(df: pd.DataFrame, workload: str, batch: int | None = None) -> pd.DataFrame:
-    """Model x L table of statuses, aligned with :func:`pivot`."""
-    sel = df[df["workload"] == workload]
-    if batch is not None:
-        sel = sel[sel["batch"] == batch]
-    index = ["model"] if sel["batch"].nunique() <= 1 else ["model", "batch"]
-    table = sel.pivot_table(index=index, columns="seq_len", values="status", aggfunc="first")
+    table = vals.pivot_table(index=index, columns="seq_len", values="value", aggfunc="first", dropna=raw)
     order = [m for m in model_order(df) if m in set(sel["model"])]
     table = table.reindex(order, level=0) if len(index) > 1 else table.reindex(order)
     table.columns = [int(c) for c in table.columns]
@@ -367,40 +358,49 @@ def status_pivot(df: pd.DataFrame, workload: str, batch: int | None = None) -> p
 
 # ---- human units --------------------------------------------------------------------------------------
 
+UNITS = {
+    "s": (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6), ("ns", 1e-9)),
+    "tok/s": (("M tok/s", 1e6), ("k tok/s", 1e3), ("tok/s", 1.0)),
+    "count": (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3), ("", 1.0)),
+    "bytes": (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("B", 1.0)),
+}
 
-def fmt_seconds(x: float) -> str:
+
+def _family(metric: str) -> str:
+    if metric.endswith("_bytes"):
+        return "bytes"
+    if metric == "tokens_per_s":
+        return "tok/s"
+    return "s" if metric.endswith("_s") and not metric.endswith("_per_s") else "count"
+
+
+def pick_unit(values, metric: str) -> tuple[str, float]:
+    """One unit for a set of values of ``metric`` (by their median), e.g. ("ms", 1e-3)."""
+    v = pd.Series(values, dtype=float)
+    v = v[np.isfinite(v) & (v > 0)]
+    ref = float(v.median()) if len(v) else 1.0
+    units = UNITS[_family(metric)]
+    return next(((u, s) for u, s in units if ref >= s), units[-1])
+
+
+def fmt_scaled(x: float, scale: float = 1.0) -> str:
     if not np.isfinite(x):
         return "–"
-    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6), ("ns", 1e-9)):
-        if abs(x) >= scale or unit == "ns":
-            return f"{x / scale:.3g} {unit}"
-    return f"{x:g} s"
-
-
-def fmt_bytes(x: float) -> str:
-    if not np.isfinite(x):
-        return "–"
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g} {unit}"
-    return f"{x:.0f} B"
-
-
-def fmt_count(x: float, unit: str = "") -> str:
-    if not np.isfinite(x):
-        return "–"
-    for prefix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g} {prefix}{unit}".rstrip()
-    return f"{x:.3g} {unit}".rstrip()
+    v = x / scale
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
 
 
 def fmt_metric(x: float, metric: str) -> str:
-    """Format a value of a result column by the unit in its name."""
-    if metric.endswith("_bytes"):
-        return fmt_bytes(x)
-    if metric.endswith("_per_s"):
-        return fmt_count(x, "tok/s" if metric == "tokens_per_s" else "/s")
-    if metric.endswith("_s"):
-        return fmt_seconds(x)
-    return fmt_count(x)
+    """A value of a result column in human units, chosen by the unit in the column's name."""
+    unit, scale = pick_unit([abs(x)], metric)
+    return f"{fmt_scaled(x, scale)} {unit}".rstrip() if np.isfinite(x) else "–"
+
+
+def fmt_bytes(x: float) -> str:
+    return fmt_metric(x, "_bytes")
+
+
+def fmt_count(x: float, unit: str = "") -> str:
+    """E.g. ``fmt_count(8e10, "FLOP/s") == "80 GFLOP/s"``."""
+    prefix, scale = pick_unit([abs(x)], "count")
+    return f"{fmt_scaled(x, scale)} {prefix}{unit}".rstrip() if np.isfinite(x) else "–"

@@ -15,14 +15,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from seqbench.analysis import STATUS_LABELS, exponent_table, fmt_bytes, load_meta, load_run, model_order, ok_rows
+from seqbench.analysis import (
+    STATUS_LABELS,
+    exponent_table,
+    fmt_bytes,
+    load_meta,
+    load_run,
+    model_order,
+    ok_rows,
+    pick_unit,
+)
 
 FAIL_MARKERS = {"oom": "X", "oom_killed": "X", "timeout": "d", "error": "*", "skipped_after_oom": "x",
                 "skipped_after_timeout": "x"}
 WORKLOAD_MARKERS = {"prefill": "o", "decode": "s", "train": "^"}
 CACHE_KIND = {"attention": "KV cache", "hybrid": "KV cache + state"}
-TIME_UNITS = (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6))
-RATE_UNITS = (("M tokens/s", 1e6), ("k tokens/s", 1e3), ("tokens/s", 1.0))
 
 
 def model_colors(models: list[str]) -> dict[str, tuple]:
@@ -43,12 +50,6 @@ def _device_label(df: pd.DataFrame, meta: dict) -> str:
     if threads and device == "cpu":
         parts.append(f"{threads} threads")
     return " · ".join(parts)
-
-
-def _pick_unit(values: pd.Series, units: tuple) -> tuple[str, float]:
-    v = values[np.isfinite(values) & (values > 0)]
-    ref = float(v.median()) if len(v) else 1.0
-    return next(((u, s) for u, s in units if ref >= s), units[-1])
 
 
 def _scaled_axis(axis, scale: float) -> None:
@@ -173,8 +174,8 @@ def _save(fig, out_dir: Path, stem: str, formats: tuple[str, ...]) -> list[Path]
     return paths
 
 
-def _curve_figure(df, meta, colors, fits, workloads, metric, title, ylabel, kind, band=None, label_fn=None):
-    """A row of panels, one per (workload, batch) present; ``kind`` picks the y formatting."""
+def _curve_figure(df, meta, colors, fits, workloads, metric, title, ylabel, band=None, label_fn=None):
+    """A row of panels, one per (workload, batch) present; bytes get binary-unit ticks, times/rates one unit."""
     from matplotlib.figure import Figure
 
     cells = _grid(df, workloads)
@@ -189,11 +190,11 @@ def _curve_figure(df, meta, colors, fits, workloads, metric, title, ylabel, kind
         _series_panel(ax, sel, metric, colors, slopes, band, label_fn)
         _length_axis(ax, sorted(int(x) for x in sel["seq_len"].unique()))
         ok = ok_rows(sel)[metric]
-        if kind == "bytes":
+        if metric.endswith("_bytes"):
             _bytes_axis(ax.yaxis)
             ax.set_ylabel(ylabel)
         else:
-            unit, scale = _pick_unit(ok, TIME_UNITS if kind == "time" else RATE_UNITS)
+            unit, scale = pick_unit(ok, metric)
             _scaled_axis(ax.yaxis, scale)
             ax.set_ylabel(ylabel.format(unit=unit))
         ax.set_xlabel("context length L [tokens]" if workload == "decode" else "sequence length L [tokens]")
@@ -308,19 +309,19 @@ def make_plots(run_dir: str | Path, df: pd.DataFrame | None = None, meta: dict |
     figures = {
         "prefill_throughput": _curve_figure(df, meta, colors, fits, ["prefill"], "tokens_per_s",
                                             "Prefill throughput vs sequence length", "throughput [{unit}]",
-                                            "rate", band="rate"),
+                                            band="rate"),
         "decode_latency": _curve_figure(df, meta, colors, fits, ["decode"], "latency_per_token_s",
                                         "Per-token decode latency vs context length", "latency per token [{unit}]",
-                                        "time", band="time"),
+                                        band="time"),
         "cache_bytes": _curve_figure(df, meta, colors, fits, ["decode"], "cache_bytes",
                                      "Cache size after a context of L tokens (KV cache vs recurrent state)",
-                                     "cache size [bytes, binary units]", "bytes", label_fn=_cache_label),
+                                     "cache size [bytes, binary units]", label_fn=_cache_label),
         "peak_memory": _curve_figure(df, meta, colors, fits, ["prefill", "decode", "train"], "peak_mem_bytes",
                                      "Peak memory of the measured call above its baseline",
-                                     "peak memory [bytes, binary units]", "bytes"),
+                                     "peak memory [bytes, binary units]"),
         "train_throughput": _curve_figure(df, meta, colors, fits, ["train"], "tokens_per_s",
                                           "Training step (forward + backward) throughput vs sequence length",
-                                          "throughput [{unit}]", "rate", band="rate"),
+                                          "throughput [{unit}]", band="rate"),
         "exponents": _exponent_figure(df, meta, colors, fits),
         "roofline": _roofline_figure(df, meta, colors),
     }
