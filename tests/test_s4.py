@@ -108,6 +108,24 @@ def test_prefill_state_equals_stepped_state_and_naive_sum(batch: int) -> None:
     torch.testing.assert_close(torch.view_as_complex(prefilled["state"]).cdouble(), ref, atol=1e-5, rtol=1e-4)
 
 
+def test_step_sees_parameter_updates() -> None:
+    m = make(11)
+    x = torch.randn(2, 12, D_MODEL, generator=torch.Generator().manual_seed(12))
+
+    def stepped() -> torch.Tensor:
+        cache = m.allocate_cache(2, 12, torch.float32, "cpu")
+        return torch.cat([m.step(x[:, p : p + 1], cache, p) for p in range(12)], 1)
+
+    with torch.no_grad():
+        before = stepped()  # fills the discretisation memo
+        m.C.mul_(-1.5)  # an in-place update, as an optimizer makes
+        m.log_dt.add_(0.3)
+        torch.testing.assert_close(stepped(), m(x), atol=1e-5, rtol=1e-5)
+        m.load_state_dict(make(12).state_dict())
+        torch.testing.assert_close(stepped(), m(x), atol=1e-5, rtol=1e-5)
+    assert (before - m(x)).abs().max() > 1e-2
+
+
 def test_causality() -> None:
     m = make(5)
     g = torch.Generator().manual_seed(7)

@@ -56,10 +56,31 @@ def _block_len(length: int) -> int:
     return min(1024, max(8, 1 << math.ceil(math.log2(max(length, 1)) / 2)))
 
 
+def _cexp(z: Tensor) -> Tensor:
+    """exp of a complex tensor from real exp, cos and sin (vectorised; torch's complex exp on CPU is ~30x slower)."""
+    mag = torch.exp(z.real)
+    return torch.complex(mag * torch.cos(z.imag), mag * torch.sin(z.imag))
+
+
 def _powers(dtA: Tensor, count: int, stride: int) -> Tensor:
-    """exp(dtA · stride · i) for i < count: (h, n2, count) complex."""
-    idx = torch.arange(count, device=dtA.device, dtype=torch.float32) * stride
-    return torch.exp(dtA[:, :, None] * idx)  # (h, n2, count)
+    """exp(dtA · stride · i) for i < count, as stacked real parts (h, 2, n2, count): [:, 0] real, [:, 1] imaginary.
+
+    With i = a·r + s and r ≈ √count, only the r + count/r anchors are exponentials; each power is then one
+    complex product of two of them, so its error is a couple of ulps whatever i is. The (re, im) axis sits
+    before n2 because the matmuls below contract over the stacked (re/im, n2) axis.
+    """
+    r = math.isqrt(max(count - 1, 0)) + 1  # ceil(sqrt(count))
+    a = -(-count // r)
+    idx = torch.arange(max(r, a), device=dtA.device, dtype=torch.float32) * stride
+    rate_r, rate_i = dtA.real[:, None, :, None], dtA.imag[:, None, :, None]  # (h, 1, n2, 1)
+    mag, ang = torch.exp(rate_r * idx[:r]), rate_i * idx[:r]  # (h, 1, n2, r)
+    f_r, f_i = mag * torch.cos(ang), mag * torch.sin(ang)
+    fine = torch.cat([f_r, f_i], dim=1)[:, :, :, None, :]  # (h, 2, n2, 1, r): exp(dtA·s)
+    fine_rot = torch.cat([-f_i, f_r], dim=1)[:, :, :, None, :]  # (h, 2, n2, 1, r): i·exp(dtA·s)
+    mag, ang = torch.exp(rate_r * (idx[:a] * r)), rate_i * (idx[:a] * r)  # (h, 1, n2, a)
+    c_r, c_i = (mag * torch.cos(ang))[..., None], (mag * torch.sin(ang))[..., None]  # (h, 1, n2, a, 1)
+    out = torch.addcmul(c_r * fine, c_i, fine_rot)  # (h, 2, n2, a, r): (c_r + i·c_i)·f = c_r·f + c_i·(i·f)
+    return out.flatten(-2)[..., :count]  # (h, 2, n2, count)
 
 
 def vandermonde(coef: Tensor, dtA: Tensor, length: int) -> Tensor:
@@ -72,13 +93,15 @@ def vandermonde(coef: Tensor, dtA: Tensor, length: int) -> Tensor:
     b, h, n2 = coef.shape
     c = _block_len(length)
     nb = -(-length // c)
-    inner = _powers(dtA, c, 1)  # (h, n2, c)
-    outer = _powers(dtA, nb, c).transpose(1, 2)  # (h, nb, n2)
-    w = 2 * coef.transpose(0, 1)[:, :, None, :] * outer[:, None]  # (h, b, nb, n2)
-    # Re(w·v) = w.re·v.re − w.im·v.im: one real matmul over the stacked (re, im) axis.
-    w_r = torch.cat([w.real, -w.imag], dim=-1).reshape(h, b * nb, 2 * n2)  # (h, b*nb, 2*n2)
-    v_r = torch.cat([inner.real, inner.imag], dim=1)  # (h, 2*n2, c)
-    out = torch.bmm(w_r, v_r).view(h, b, nb * c)[..., :length]  # (h, b, length)
+    v = _powers(dtA, c, 1).reshape(h, 2 * n2, c)  # (h, 2*n2, c): dA^i within a block
+    p = _powers(dtA, nb, c).transpose(2, 3).contiguous()[:, :, None, :, None, :]  # (h, 2, 1, nb, 1, n2): dA^(j·c)
+    k_r, k_i = 2 * coef.real.transpose(0, 1), 2 * coef.imag.transpose(0, 1)  # (h, b, n2)
+    # Block coefficients w = 2·coef·dA^(j·c); Re(w·v) = w_r·v_r − w_i·v_i, so stack (w_r, −w_i) and contract
+    # over (re/im, n2) in one real matmul: w_r = k_r·p_r − k_i·p_i and −w_i = −k_i·p_r − k_r·p_i.
+    k1 = torch.stack([k_r, -k_i], dim=2)[:, :, None]  # (h, b, 1, 2, n2)
+    k2 = torch.stack([-k_i, -k_r], dim=2)[:, :, None]  # (h, b, 1, 2, n2)
+    w = torch.addcmul(p[:, 0] * k1, p[:, 1], k2)  # (h, b, nb, 2, n2)
+    out = torch.bmm(w.view(h, b * nb, 2 * n2), v).view(h, b, nb * c)[..., :length]  # (h, b, length)
     return out[:, 0].contiguous() if unbatched else out.transpose(0, 1).contiguous()
 
 
@@ -88,14 +111,15 @@ def vandermonde_transpose(v: Tensor, dtA: Tensor) -> Tensor:
     n2 = dtA.shape[1]
     c = _block_len(length)
     nb = -(-length // c)
-    inner = _powers(dtA, c, 1)  # (h, n2, c)
-    outer = _powers(dtA, nb, c).transpose(1, 2)  # (h, nb, n2)
+    powers = _powers(dtA, c, 1).reshape(h, 2 * n2, c)  # (h, 2*n2, c)
+    p = _powers(dtA, nb, c).transpose(2, 3).contiguous()[:, :, None]  # (h, 2, 1, nb, n2)
     v = F.pad(v, (0, nb * c - length))  # (b, h, nb*c); zero taps add nothing
     v = v.view(b, h, nb, c).transpose(0, 1).reshape(h, b * nb, c)  # (h, b*nb, c)
-    s = torch.bmm(v, torch.cat([inner.real, inner.imag], dim=1).transpose(1, 2))  # (h, b*nb, 2*n2)
-    s = s.view(h, b, nb, 2, n2)  # (h, b, nb, re/im, n2)
-    s = torch.complex(s[..., 0, :], s[..., 1, :])  # (h, b, nb, n2)
-    return (s * outer[:, None]).sum(2).transpose(0, 1)  # (b, h, n2)
+    s = torch.bmm(v, powers.transpose(1, 2)).view(h, b, nb, 2, n2)  # per-block sums, (re, im) stacked
+    s_r, s_i = s[..., 0, :], s[..., 1, :]  # (h, b, nb, n2)
+    re = (s_r * p[:, 0] - s_i * p[:, 1]).sum(2)  # (h, b, n2)
+    im = (s_r * p[:, 1] + s_i * p[:, 0]).sum(2)  # (h, b, n2)
+    return torch.complex(re, im).transpose(0, 1)  # (b, h, n2)
 
 
 class S4D(nn.Module):
@@ -133,6 +157,7 @@ class S4D(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.out_proj = nn.Linear(d_model, 2 * d_model, **kw)
         self._fft_conv, self.impl_used = get("fft_conv", impl, device or "cpu")
+        self._step_memo: tuple | None = None
 
     # --- the SSM in float32 -----------------------------------------------------------------------
     def _discretize(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -140,9 +165,26 @@ class S4D(nn.Module):
         dt = torch.exp(self.log_dt.float())  # (h,)
         A = torch.complex(-torch.exp(self.log_A_real.float()), self.A_imag.float())  # (h, n2)
         dtA = dt[:, None] * A
-        dA = torch.exp(dtA)
+        dA = _cexp(dtA)
         dB = (dA - 1) / A * torch.view_as_complex(self.B.float().contiguous())
         return dtA, dA, dB, torch.view_as_complex(self.C.float().contiguous())
+
+    def _discretized_for_step(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """_discretize(), reused across decode steps while no parameter changes (the SSM is time-invariant).
+
+        The memo keeps the parameters' storages alive and records their version counters, so an optimizer step,
+        load_state_dict or .to() is always seen. With gradients enabled it is bypassed.
+        """
+        if torch.is_grad_enabled():
+            return self._discretize()
+        params = (self.log_dt, self.log_A_real, self.A_imag, self.B, self.C)
+        try:
+            key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        except RuntimeError:  # parameters created under inference_mode have no version counter
+            return self._discretize()
+        if self._step_memo is None or self._step_memo[0] != key:
+            self._step_memo = (key, [p.detach() for p in params], self._discretize())
+        return self._step_memo[2]
 
     def kernel(self, length: int) -> Tensor:
         """The convolution kernel K[l] = 2·Re Σ_n C_n dB_n dA_n^l, float32 (h, length)."""
@@ -167,13 +209,13 @@ class S4D(nn.Module):
             if start > 0:
                 h0 = state.clone()
                 y = y + vandermonde(C * dA * h0, dtA, l)  # 2·Re Σ_n C_n dA_n^(k+1) h0_n
-                new_state = new_state + torch.exp(dtA * l) * h0
+                new_state = new_state + _cexp(dtA * l) * h0
             state.copy_(new_state.detach())
         return self._output(y.transpose(1, 2), x.dtype)
 
     def step(self, x: Tensor, cache: dict[str, Tensor], pos: int) -> Tensor:
         b = x.shape[0]
-        _, dA, dB, C = self._discretize()
+        _, dA, dB, C = self._discretized_for_step()
         u = x[:, 0].float()  # (b, d)
         state = torch.view_as_complex(cache["state"][:b])  # (b, d, n2), updated in place
         state.mul_(dA.detach()).add_((dB * u[:, :, None]).detach())  # decode state carries no gradient
