@@ -98,7 +98,9 @@ class Mamba2(nn.Module):
         impl: str = "auto",
     ):
         super().__init__()
-        kw = {"device": device, "dtype": dtype}
+        # Parameters are drawn in float32 and cast at the end, so one seed gives the same layer in every dtype
+        # (random init in bfloat16 draws different numbers) and bf16-vs-fp32 comparisons compare like with like.
+        kw = {"device": device}
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
         self.d_inner = expand * d_model
         self.d_ssm = self.d_inner if d_ssm is None else d_ssm
@@ -129,10 +131,10 @@ class Mamba2(nn.Module):
         # Δ bias: Δ log-uniform in [dt_min, dt_max] (floored), stored as softplus^{-1}(Δ) = Δ + log(1 - e^{-Δ}).
         log_dt = torch.rand(self.nheads, device=device) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
         dt = torch.exp(log_dt).clamp(min=dt_init_floor)
-        self.dt_bias = nn.Parameter((dt + torch.log(-torch.expm1(-dt))).to(dtype or torch.get_default_dtype()))
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
         # Scalar A per head, A = -exp(A_log) with A uniform in A_init_range (S4D-real-like magnitudes).
         A = torch.empty(self.nheads, dtype=torch.float32, device=device).uniform_(*A_init_range)
-        self.A_log = nn.Parameter(torch.log(A).to(dtype or torch.float32))
+        self.A_log = nn.Parameter(torch.log(A))
         self.D = nn.Parameter(torch.ones(self.d_ssm if D_has_hdim else self.nheads, device=device))
         for p in (self.dt_bias, self.A_log, self.D):
             p._no_weight_decay = True
@@ -141,6 +143,8 @@ class Mamba2(nn.Module):
                 self.d_ssm, eps=1e-5, group_size=self.d_ssm // ngroups, norm_before_gate=norm_before_gate, **kw
             )
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **kw)
+        if dtype is not None:
+            self.to(dtype)
 
         dev = device or "cpu"
         self._ssd, l_ssd = get("ssd", impl, dev)

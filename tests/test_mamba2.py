@@ -1,0 +1,230 @@
+"""The Mamba-2 mixer: mamba_ssm parameter layout, Hugging Face parity, decode and chunked-prefill parity,
+causality, cache size, d_state 128, gradients and bfloat16."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seqbench.models.mamba2 import Mamba2
+from seqbench.ops import KernelUnavailable
+
+D_MODEL = 32
+
+
+def make(seed=0, **kw) -> Mamba2:
+    torch.manual_seed(seed)
+    kw = {"d_state": 16, "headdim": 8, "chunk_size": 8, **kw}
+    return Mamba2(D_MODEL, impl="ref", **kw).eval()
+
+
+def randn(*shape, seed=1):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_parameter_names_and_shapes_are_mamba_ssm():
+    m = make(ngroups=2)
+    d_inner, n, g, w = 2 * D_MODEL, 16, 2, 4
+    h = d_inner // 8
+    conv_dim = d_inner + 2 * g * n
+    expected = {
+        "in_proj.weight": (2 * d_inner + 2 * g * n + h, D_MODEL),
+        "conv1d.weight": (conv_dim, 1, w),
+        "conv1d.bias": (conv_dim,),
+        "dt_bias": (h,),
+        "A_log": (h,),
+        "D": (h,),
+        "norm.weight": (d_inner,),
+        "out_proj.weight": (D_MODEL, d_inner),
+    }
+    assert {k: tuple(v.shape) for k, v in m.state_dict().items()} == expected
+    assert make(D_has_hdim=True).D.shape == (d_inner,)
+    assert "norm.weight" not in make(rmsnorm=False).state_dict()
+    assert set(make(bias=True).state_dict()) >= {"in_proj.bias", "out_proj.bias"}
+
+
+def test_initialisation_scheme():
+    m = make(headdim=4, dt_min=0.01, dt_max=0.05)
+    A = -torch.exp(m.A_log)
+    assert ((A <= -1) & (A >= -16)).all() and A.unique().numel() > 1
+    dt = F.softplus(m.dt_bias)
+    assert ((dt >= 0.01 - 1e-6) & (dt <= 0.05 + 1e-6)).all()
+    assert (m.D == 1).all() and (m.norm.weight == 1).all()
+
+
+def _hf_mixer(m: Mamba2, chunk_size: int):
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
+
+    cfg = transformers.Mamba2Config(
+        hidden_size=D_MODEL,
+        num_heads=m.nheads,
+        head_dim=m.headdim,
+        state_size=m.d_state,
+        n_groups=m.ngroups,
+        expand=2,
+        conv_kernel=m.d_conv,
+        chunk_size=chunk_size,
+        num_hidden_layers=1,
+        layer_norm_epsilon=1e-5,
+        use_bias=False,
+        use_conv_bias=True,
+    )
+    torch.manual_seed(123)  # HF draws its own init; it must be overwritten by the loaded weights
+    return Mamba2Mixer(cfg, layer_idx=0).eval()
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("ngroups", [1, 2])
+def test_huggingface_mamba2mixer_parity(batch, ngroups):
+    """Same state_dict loaded strict=True both ways; HF's pure-torch path computes the same function
+    (also with a different chunk size: chunking is an implementation detail)."""
+    m = make(ngroups=ngroups)
+    with torch.no_grad():  # make every parameter non-trivial so a mis-wired one cannot hide
+        m.D.uniform_(0.5, 1.5)
+        m.norm.weight.uniform_(0.5, 1.5)
+    x = randn(batch, 29, D_MODEL)
+    for hf_chunk in (8, 16):
+        hf = _hf_mixer(m, hf_chunk)
+        hf.load_state_dict(m.state_dict(), strict=True)
+        back = make(seed=7, ngroups=ngroups)
+        back.load_state_dict(hf.state_dict(), strict=True)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            y_hf = hf(x)
+            y, y_back = m(x), back(x)
+        torch.testing.assert_close(y, y_hf, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(y_back, y, rtol=0, atol=0)
+
+
+VARIANTS = {
+    "default": {},
+    "groups": {"ngroups": 2},
+    "no_rmsnorm_z_in_scan": {"rmsnorm": False},
+    "norm_before_gate_D_hdim": {"norm_before_gate": True, "D_has_hdim": True},
+    "d_ssm_mlp_path": {"d_ssm": 32},
+    "dt_limit": {"dt_limit": (0.01, 0.05)},
+    "d_state_128": {"d_state": 128, "headdim": 16},
+}
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_decode_parity(variant, batch):
+    """Full forward == prefill of t tokens then one step per token (tight float32 tolerance)."""
+    m = make(**VARIANTS[variant])
+    x, t = randn(batch, 21, D_MODEL), 10
+    with torch.no_grad():
+        full = m(x)
+        cache = m.allocate_cache(batch, 21, torch.float32, "cpu")
+        outs = [m(x[:, :t], cache)]
+        outs += [m.step(x[:, i : i + 1], cache, i) for i in range(t, 21)]
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("piece", [1, 3, 7, 16])
+def test_chunked_prefill_with_start_equals_one_forward(batch, piece):
+    """Feeding the prompt in pieces (forward with cache and start > 0), including pieces shorter than the
+    conv width, gives the one-forward outputs; a later start=0 prefill on the same cache starts afresh."""
+    m = make(ngroups=2)
+    x = randn(batch, 37, D_MODEL)
+    with torch.no_grad():
+        full = m(x)
+        cache = m.allocate_cache(batch, 37, torch.float32, "cpu")
+        outs = [m(x[:, s : s + piece], cache, s) for s in range(0, 37, piece)]
+        torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=1e-4, atol=1e-5)
+        state_after = {k: v.clone() for k, v in cache.items()}
+        cache2 = m.allocate_cache(batch, 37, torch.float32, "cpu")
+        m(x, cache2)
+        for k in cache:
+            torch.testing.assert_close(cache2[k], state_after[k], rtol=1e-4, atol=1e-5)
+        # Reused cache, new sequence shorter than the conv width, then decode: nothing of the old one leaks.
+        again = [m(x[:, :2], cache, 0)] + [m.step(x[:, i : i + 1], cache, i) for i in range(2, 6)]
+    torch.testing.assert_close(torch.cat(again, dim=1), full[:, :6], rtol=1e-4, atol=1e-5)
+
+
+def test_start_without_cache_is_an_error():
+    with pytest.raises(ValueError, match="cache"):
+        make()(randn(1, 4, D_MODEL), None, 4)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_causality(batch):
+    m = make(ngroups=2)
+    x, t = randn(batch, 30, D_MODEL), 12
+    changed = x.clone()
+    changed[:, t + 1 :] += randn(batch, 30 - t - 1, D_MODEL, seed=5)
+    with torch.no_grad():
+        a, b = m(x), m(changed)
+    torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1], rtol=0, atol=0)
+    assert not torch.allclose(a[:, t + 1 :], b[:, t + 1 :])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cache_is_the_state_shapes_and_constant_in_length(dtype):
+    m = make(ngroups=2)
+    conv_dim = 2 * D_MODEL + 2 * 2 * 16
+    for max_len in (16, 1 << 20):
+        cache = m.allocate_cache(3, max_len, dtype, "cpu")
+        assert set(cache) == {"conv_state", "ssm_state"}
+        assert cache["conv_state"].shape == (3, conv_dim, 4)
+        assert cache["ssm_state"].shape == (3, m.nheads, 8, 16)
+        assert all(v.dtype == dtype for v in cache.values())
+        nbytes = sum(v.numel() * v.element_size() for v in cache.values())
+        assert nbytes == 3 * (conv_dim * 4 + m.nheads * 8 * 16) * torch.finfo(dtype).bits // 8
+
+
+def test_gradients_reach_every_parameter():
+    m = make(ngroups=2).train()
+    x = randn(2, 19, D_MODEL).requires_grad_()
+    m(x).square().mean().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_bfloat16_runs_and_tracks_float32():
+    m32 = make(ngroups=2)
+    m16 = make(ngroups=2, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in m16.parameters())
+    for p32, p16 in zip(m32.parameters(), m16.parameters(), strict=True):  # same seed, same draws in either dtype
+        torch.testing.assert_close(p16.float(), p32, rtol=1e-2, atol=1e-2)
+    x = randn(2, 21, D_MODEL)
+    with torch.no_grad():
+        ref = m32(x)
+        low = m16(x.bfloat16())
+        cache = m16.allocate_cache(2, 22, torch.bfloat16, "cpu")
+        m16(x[:, :20].bfloat16(), cache)
+        step = m16.step(x[:, 20:21].bfloat16(), cache, 20)
+    assert low.dtype == torch.bfloat16 and step.dtype == torch.bfloat16
+    scale = ref.abs().max()
+    assert (low.float() - ref).abs().max() < 0.05 * scale
+    assert (step.float() - ref[:, 20:21]).abs().max() < 0.05 * scale
+
+
+def test_flop_counts():
+    m = make()
+    assert m.step_flops(10) == m.step_flops(10_000) > 0
+    assert m.prefill_flops(64) == 8 * m.prefill_flops(8)  # linear in l at whole chunks
+    assert m.prefill_flops(9) > m.prefill_flops(8)
+    proj = 2 * (D_MODEL * m.in_proj.out_features + 2 * D_MODEL * D_MODEL)
+    assert m.prefill_flops(8) > 8 * proj and m.step_flops(0) > proj
+
+
+def test_kernel_choice_is_recorded():
+    assert make().impl_used == "torch-ssd-chunked+torch-conv1d+torch"
+
+
+def test_fast_kernels_on_cpu_raise_instead_of_falling_back():
+    pytest.importorskip("seqbench.ops.fast")
+    with pytest.raises(KernelUnavailable):
+        Mamba2(D_MODEL, d_state=16, headdim=8, impl="fast", device="cpu")
+
+
+def test_bad_sizes_are_refused():
+    with pytest.raises(ValueError, match="headdim"):
+        Mamba2(D_MODEL, headdim=12)
+    with pytest.raises(ValueError, match="ngroups"):
+        Mamba2(D_MODEL, headdim=16, ngroups=3)
