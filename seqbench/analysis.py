@@ -376,9 +376,9 @@ def _family(metric: str) -> str:
 
 def pick_unit(values, metric: str) -> tuple[str, float]:
     """One unit for a set of values of ``metric`` (by their median), e.g. ("ms", 1e-3)."""
-    v = pd.Series(values, dtype=float)
+    v = np.asarray(values, dtype=float).ravel()
     v = v[np.isfinite(v) & (v > 0)]
-    ref = float(v.median()) if len(v) else 1.0
+    ref = float(np.median(v)) if len(v) else 1.0
     units = UNITS[_family(metric)]
     return next(((u, s) for u, s in units if ref >= s), units[-1])
 

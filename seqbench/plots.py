@@ -142,7 +142,7 @@ def _series_panel(ax, df: pd.DataFrame, metric: str, colors: dict, slopes: dict,
         statuses |= failed
         slope = slopes.get(model)
         label = model + (f" ({label_fn(sub)})" if label_fn else "")
-        label += f"  $\\propto L^{{{slope:.2f}}}$" if slope is not None and np.isfinite(slope) else ""
+        label += f"  k = {slope:.2f}" if slope is not None and np.isfinite(slope) else ""
         handles.append(Line2D([], [], color=color, marker="o", ms=4, label=label))
     ax.set_yscale("log")
     ax.grid(True, which="major", alpha=0.3)
@@ -200,7 +200,8 @@ def _curve_figure(df, meta, colors, fits, workloads, metric, title, ylabel, band
         ax.set_xlabel("context length L [tokens]" if workload == "decode" else "sequence length L [tokens]")
         ax.set_title(f"{workload}, batch {batch}", fontsize=10)
     fig.suptitle(f"{title}\n{_device_label(df, meta)}", fontsize=11)
-    note = "slopes: log-log OLS on the largest lengths" + ("; shaded: p25–p75 of the timing" if band else "")
+    note = "k: log-log slope (cost ∝ L^k) fitted on the largest lengths" + (
+        "; shaded: p25–p75 of the timing" if band else "")
     fig.supxlabel(note, fontsize=7, color="0.4", x=0.99, ha="right")
     return fig
 

@@ -14,7 +14,6 @@ import yaml
 from rich.console import Console
 
 from seqbench.analysis import RunError, find_runs, load_run
-from seqbench.plots import make_plots
 from seqbench.report import compare_cmd, compare_runs, make_report, plot_cmd, render_summary
 
 LENGTHS = [256, 512, 1024, 2048, 4096, 8192, 16384]
@@ -39,7 +38,8 @@ def _row(run_id, model, workload, L, median, spread, extra) -> dict:
     row = {
         "run_id": run_id, "model": model, "kind": kind, "layout": "MMMA" if kind == "hybrid" else None,
         "impl_used": "torch-sdpa" if kind == "attention" else "torch-chunked", "device": "cpu", "dtype": "float32",
-        "threads": 2, "workload": workload, "batch": 1, "seq_len": L, "new_tokens": 16 if workload == "decode" else None,
+        "threads": 2, "workload": workload, "batch": 1, "seq_len": L,
+        "new_tokens": 16 if workload == "decode" else None,
         "param_count": 3_200_000, "param_count_non_embedding": 3_100_000, "param_bytes": 12_800_000,
         "flops_per_token": 6.4e6 + 2 * LAYERS * D * L * (kind == "attention"),
     }
@@ -52,7 +52,8 @@ def _row(run_id, model, workload, L, median, spread, extra) -> dict:
     tokens = L if workload == "prefill" else 1
     row |= {
         "error": None, "n_samples": 10, "first_call_s": median * 3, "time_median_s": median,
-        "time_p25_s": median * (1 - spread), "time_p75_s": median * (1 + spread), "time_min_s": median * (1 - 2 * spread),
+        "time_p25_s": median * (1 - spread), "time_p75_s": median * (1 + spread),
+        "time_min_s": median * (1 - 2 * spread),
         "iqr_ratio": 2 * spread, "noisy": 2 * spread > 0.10, "tokens_per_s": tokens / median,
         "achieved_flops_per_s": row["flops_per_token"] * tokens / median,
         "achieved_bytes_per_s": (row["param_bytes"] + extra.get("cache_bytes", 0)) / median,
@@ -86,7 +87,8 @@ def write_run(root: Path, name: str = "demo", seed: int = 0, jitter: float = 0.0
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     env = {"python": "3.11.7", "torch": "2.13.0+cpu", "cuda": None, "device": "cpu", "device_name": "AMD EPYC",
            "cpu_model": "AMD EPYC", "cores": 2, "threads": 2, "dtype": "float32", "seed": 0, "git_commit": "abc123",
-           "git_dirty": False, "kernels": {"mamba_ssm": None, "causal_conv1d": None, "flash_attn": None, "triton": None}}
+           "git_dirty": False,
+           "kernels": {"mamba_ssm": None, "causal_conv1d": None, "flash_attn": None, "triton": None}}
     (run_dir / "env.json").write_text(json.dumps(env))
     (run_dir / "calibration.json").write_text(json.dumps({"device": "cpu", "peak_flops_per_s": 8e10,
                                                            "peak_bytes_per_s": 1.5e10}))
@@ -98,6 +100,13 @@ def run_dir(tmp_path_factory) -> Path:
     return write_run(tmp_path_factory.mktemp("runs"))
 
 
+@pytest.fixture(scope="module")
+def reported(run_dir) -> Path:
+    """The run after ``make_report`` (which draws every figure too): built once, checked by several tests."""
+    assert make_report(run_dir) == run_dir / "report.md"
+    return run_dir
+
+
 def test_load_run_keeps_every_point_and_failure(run_dir):
     df = load_run(run_dir)
     assert len(df) == 2 * len(MODELS) * len(LENGTHS)
@@ -106,9 +115,11 @@ def test_load_run_keeps_every_point_and_failure(run_dir):
     assert find_runs(run_dir.parent) == [run_dir]
 
 
-def test_plots_are_valid_png_and_svg(run_dir):
-    written = make_plots(run_dir)
+def test_plots_are_valid_png_and_svg(reported):
+    run_dir = reported
+    written = sorted((run_dir / "plots").iterdir())
     stems = {p.stem for p in written}
+    assert len(written) == 2 * len(stems)  # every figure as PNG and SVG
     assert {"prefill_throughput", "decode_latency", "cache_bytes", "peak_memory", "exponents", "roofline"} <= stems
     for path in written:
         assert path.parent == run_dir / "plots" and path.stat().st_size > 1000
@@ -118,9 +129,9 @@ def test_plots_are_valid_png_and_svg(run_dir):
             assert ET.parse(path).getroot().tag.endswith("svg")
 
 
-def test_report_names_every_model_and_length(run_dir):
-    md_path = make_report(run_dir)
-    md = md_path.read_text()
+def test_report_names_every_model_and_length(reported):
+    run_dir = reported
+    md = (run_dir / "report.md").read_text()
     html = (run_dir / "report.html").read_text()
     for model in MODELS:
         assert model in md and model in html
