@@ -9,6 +9,7 @@ and used through ``Figure`` objects (Agg/SVG canvases), never pyplot, so nothing
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from seqbench.analysis import (
     STATUS_LABELS,
     exponent_table,
     fmt_bytes,
+    fmt_scaled,
     load_meta,
     load_run,
     model_order,
@@ -29,6 +31,7 @@ from seqbench.analysis import (
 FAIL_MARKERS = {"oom": "X", "oom_killed": "X", "timeout": "d", "error": "*", "skipped_after_oom": "x",
                 "skipped_after_timeout": "x"}
 WORKLOAD_MARKERS = {"prefill": "o", "decode": "s", "train": "^"}
+X_VIEW = (-1.5, 3.5)  # exponent axis range; physical costs here lie in [0, 2]
 CACHE_KIND = {"attention": "KV cache", "hybrid": "KV cache + state"}
 
 
@@ -57,7 +60,7 @@ def _scaled_axis(axis, scale: float) -> None:
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     def label(v, _pos):
-        return f"{v / scale:.3g}"
+        return fmt_scaled(v, scale)
 
     lo, hi = axis.get_view_interval()
     axis.set_major_locator(LogLocator(base=10))
@@ -122,12 +125,14 @@ def _series_panel(ax, df: pd.DataFrame, metric: str, colors: dict, slopes: dict,
     statuses: set[str] = set()
     handles = []
     slot = 0
-    for model in (m for m in colors if m in set(df["model"])):
+    present = [m for m in colors if m in set(df["model"])]
+    for index, model in enumerate(present):
         sub = df[df["model"] == model].sort_values("seq_len")
         ok = sub[(sub["status"] == "ok") & sub[metric].notna()]
         color = colors[model]
         if len(ok):
-            ax.plot(ok["seq_len"], ok[metric], "-", color=color, lw=1.6)
+            # Earlier series are drawn wider, so identical curves (e.g. equal state sizes) stay visible.
+            ax.plot(ok["seq_len"], ok[metric], "-", color=color, lw=1.4 + 0.4 * (len(present) - 1 - index))
             noisy = ok["noisy"].to_numpy(bool) & (band is not None)  # the flag is about timing noise
             ax.scatter(ok["seq_len"][~noisy], ok[metric][~noisy], color=color, s=22, zorder=4)
             ax.scatter(ok["seq_len"][noisy], ok[metric][noisy], facecolor="white", edgecolor=color, s=26, zorder=4)
@@ -158,8 +163,10 @@ def _series_panel(ax, df: pd.DataFrame, metric: str, colors: dict, slopes: dict,
     return statuses
 
 
-def _grid(df: pd.DataFrame, workloads: list[str]) -> list[tuple[str, int]]:
-    return [(w, int(b)) for w in workloads for b in sorted(df[df["workload"] == w]["batch"].unique())]
+def _grid(df: pd.DataFrame, workloads: list[str]) -> tuple[list[str], list[int]]:
+    """Panel rows (workloads present) and columns (batch sizes present) of a figure."""
+    rows = [w for w in workloads if w in set(df["workload"])]
+    return rows, sorted(int(b) for b in df[df["workload"].isin(rows)]["batch"].unique())
 
 
 def _save(fig, out_dir: Path, stem: str, formats: tuple[str, ...]) -> list[Path]:
@@ -178,13 +185,17 @@ def _curve_figure(df, meta, colors, fits, workloads, metric, title, ylabel, band
     """A row of panels, one per (workload, batch) present; bytes get binary-unit ticks, times/rates one unit."""
     from matplotlib.figure import Figure
 
-    cells = _grid(df, workloads)
-    if not cells:
+    rows, cols = _grid(df, workloads)
+    if not rows:
         return None
-    fig = Figure(figsize=(6.6 * len(cells), 4.4), layout="constrained")
-    axes = fig.subplots(1, len(cells), squeeze=False)[0]
-    for ax, (workload, batch) in zip(axes, cells, strict=True):
+    fig = Figure(figsize=(6.6 * len(cols), 4.4 * len(rows) + 0.4), layout="constrained")
+    axes = fig.subplots(len(rows), len(cols), squeeze=False)
+    for (i, workload), (j, batch) in itertools.product(enumerate(rows), enumerate(cols)):
+        ax = axes[i, j]
         sel = df[(df["workload"] == workload) & (df["batch"] == batch)]
+        if sel.empty:
+            ax.set_visible(False)
+            continue
         key = fits[(fits["workload"] == workload) & (fits["batch"] == batch) & (fits["metric"] == metric)]
         slopes = {r.model: r.slope for r in key.itertuples() if r.status == "ok"}
         _series_panel(ax, sel, metric, colors, slopes, band, label_fn)
@@ -235,21 +246,32 @@ def _exponent_figure(df, meta, colors, fits):
                 ax.text(0.02, y, "too few points", va="center", fontsize=7.5, color="0.4",
                         transform=ax.get_yaxis_transform())
                 continue
-            err = [[r["slope"] - r["ci_low"]], [r["ci_high"] - r["slope"]]]
-            ax.errorbar(r["slope"], y, xerr=err, fmt="o", color=colors[model], capsize=3, ms=6,
+            # CIs beyond the view are cut at its edge and end in an arrow instead of squashing every other row.
+            lo, hi = max(r["ci_low"], X_VIEW[0]), min(r["ci_high"], X_VIEW[1])
+            x = min(max(r["slope"], X_VIEW[0]), X_VIEW[1])
+            ax.errorbar(x, y, xerr=[[x - lo], [hi - x]], fmt="o", color=colors[model], capsize=3, ms=6,
                         mfc=colors[model] if r["asymptotic"] else "white")
+            for end, cut, marker in ((lo, r["ci_low"] < X_VIEW[0], "<"), (hi, r["ci_high"] > X_VIEW[1], ">")):
+                if cut:
+                    ax.plot(end, y, marker=marker, color=colors[model], ms=6)
         ranges = {m: f"\nL {sub.loc[m, 'l_min']:.0f}–{sub.loc[m, 'l_max']:.0f}" if m in sub.index
                   and sub.loc[m, "status"] == "ok" else "" for m in models}
         ax.set_yticks(range(len(models)), [m + ranges[m] for m in models], fontsize=7.5)
         ax.set_ylim(len(models) - 0.5, -0.5)
+        ok = sub[sub["status"] == "ok"]
+        left = min(-0.25, ok["ci_low"].min() - 0.1) if len(ok) else -0.25
+        right = max(2.25, ok["ci_high"].max() + 0.1) if len(ok) else 2.25
+        ax.set_xlim(max(left, X_VIEW[0] - 0.1), min(right, X_VIEW[1] + 0.1))
         ax.set_title(f"{label}, batch {batch}", fontsize=9.5)
         ax.set_xlabel("exponent k in cost ∝ L^k", fontsize=8.5)
         ax.grid(True, axis="x", alpha=0.3)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     handles = [Line2D([], [], ls="", marker="o", color="0.3", label="asymptotic (local slopes agree within 0.1)"),
-               Line2D([], [], ls="", marker="o", mfc="white", color="0.3", label="not yet asymptotic")]
-    fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=8)
+               Line2D([], [], ls="", marker="o", mfc="white", color="0.3",
+                      label="local slopes disagree: still curving, or too noisy to tell"),
+               Line2D([], [], ls="", marker=">", color="0.3", label="CI continues beyond the view")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=8)
     fig.suptitle(f"Scaling exponents with 95% CIs (largest lengths)\n{_device_label(df, meta)}", fontsize=11)
     return fig
 
@@ -291,8 +313,10 @@ def _roofline_figure(df, meta, colors):
     handles.append(Line2D([], [], ls="", color="none", label=f"marker size: L = {int(ok['seq_len'].min())}"
                           f" … {int(ok['seq_len'].max())}"))
     ax.legend(handles=handles, fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    ax.set_title(f"Roofline: achieved vs calibrated peak (batch {', '.join(map(str, sorted(ok['batch'].unique())))})"
-                 f"\n{_device_label(df, meta)}", fontsize=10)
+    shown = ", ".join(w for w in WORKLOAD_MARKERS if w in set(ok["workload"]))
+    batches = ", ".join(str(int(b)) for b in sorted(ok["batch"].unique()))
+    ax.set_title(f"Roofline: achieved vs calibrated peak ({shown}; batch {batches})\n{_device_label(df, meta)}",
+                 fontsize=10)
     return fig
 
 

@@ -191,8 +191,8 @@ def _blocks(run_dir: Path, df: pd.DataFrame, meta: dict, figures: list[Path]) ->
         ("h2", "Scaling exponents"),
         ("p", "Log-log OLS slope k in cost ∝ L^k on the largest lengths (≥ 4 points spanning ≥ 8×), 95% CI from "
               "the t distribution. Local slopes are between adjacent measured lengths; 'asymptotic' means the "
-              "local slopes inside the fitted range agree within 0.1, otherwise the slope is still drifting and "
-              "the fitted value is a lower or upper bound of the asymptote."),
+              "local slopes inside the fitted range agree within 0.1, otherwise the slope is still drifting (the "
+              "fit bounds the asymptote from one side) or the data are too noisy to tell; the CI says which."),
         ("table", exponent_strings(exponent_table(df))),
         ("h2", "Crossovers"),
         ("p", "A crossover is claimed only where the median time ratio changes sides of 1 with both models' "

@@ -144,6 +144,18 @@ def test_report_names_every_model_and_length(reported):
     assert "crossover" in md.lower() and "exponent" in md.lower()
 
 
+def test_report_survives_a_run_with_one_length_and_only_failures(tmp_path):
+    rows = [{"model": m, "kind": "mamba", "workload": "prefill", "batch": 1, "seq_len": 128,
+             "status": "oom" if m == "a" else "ok", "time_median_s": None if m == "a" else 1.0,
+             "time_p25_s": None if m == "a" else 0.9, "time_p75_s": None if m == "a" else 1.1,
+             "tokens_per_s": None if m == "a" else 128.0} for m in ("a", "b")]
+    (tmp_path / "points.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    md = make_report(tmp_path).read_text()  # no env.json, config.yaml or calibration: still a report
+    assert "| a | OOM |" in md and "too few points" in md
+    assert (tmp_path / "plots" / "prefill_throughput.png").is_file()
+    assert not (tmp_path / "plots" / "roofline.png").exists()  # no calibration, no roofline
+
+
 def test_render_summary_prints_key_tables(run_dir):
     console = Console(record=True, width=160)
     render_summary(console, load_run(run_dir))
