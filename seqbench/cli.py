@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -48,30 +47,13 @@ def _preflight(exp: Experiment):
     return device
 
 
-def _rich_table(df, title: str) -> Table:
-    table = Table(title=title, title_justify="left")
-    for col in df.columns:
-        table.add_column(str(col), justify="left" if col in ("model", "impl_used") else "right")
-    for _, r in df.iterrows():
-        table.add_row(*[str(v) for v in r.tolist()])
-    return table
-
-
-def print_headlines(df) -> None:
-    from seqbench.summary import HEADLINE, headline_pivot
-
-    for workload in dict.fromkeys(df.workload):
-        for batch in sorted(df[df.workload == workload].batch.unique()):
-            out.print(_rich_table(headline_pivot(df, workload, batch), f"{workload}, batch {batch}: {HEADLINE[workload][1]}"))
-
-
 @app.command()
 def run(
     config: Path = typer.Argument(..., help="experiment YAML"),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="parent folder of the run folder (default: output_dir)"),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="finish the grid of this run folder"),
+    out_dir: Path | None = typer.Option(None, "--out", help="parent folder of the run folder (default: output_dir)"),
+    resume: Path | None = typer.Option(None, "--resume", help="finish the grid of this run folder"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the grid and model sizes; measure nothing"),
-    run_dir_file: Optional[Path] = typer.Option(None, "--run-dir-file", help="write the run folder's path here"),
+    run_dir_file: Path | None = typer.Option(None, "--run-dir-file", help="write the run folder's path here"),
 ) -> None:
     """Run an experiment: build the models, sweep the grid, write the run folder."""
     exp = _load(config)
@@ -111,7 +93,7 @@ def run(
     with progress:
         try:
             sweep.run_sweep(state, on_start, on_done,
-                            on_wait=lambda: err.print("another seqbench run is measuring on this machine; waiting for it"))
+                            on_wait=lambda: err.print("another seqbench run is measuring here; waiting for it"))
         except sweep.Interrupted:
             interrupted = True
     sweep.write_tables(state)
@@ -119,7 +101,9 @@ def run(
 
     df = pd.DataFrame(sweep.ordered_rows(state))
     if len(df):
-        print_headlines(df)
+        from seqbench.report import render_summary
+
+        render_summary(out, df)
     if interrupted:
         err.print(f"[yellow]interrupted[/]: {len(state.rows)} of {total} points kept in {state.run_dir}\n"
                   f"resume with: seqbench run {config} --resume {state.run_dir}", highlight=False)
@@ -195,7 +179,7 @@ def models() -> None:
 def calibrate(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     dtype: str = typer.Option("float32"),
-    threads: Optional[int] = typer.Option(None),
+    threads: int | None = typer.Option(None),
 ) -> None:
     """Measure this device's peak matmul FLOP/s and memory bandwidth (the roofline)."""
     import torch
@@ -224,6 +208,20 @@ def bench_ops() -> None:
     from seqbench.ops.bench import main
 
     main([])
+
+
+# --- commands from other modules ----------------------------------------------------------------------
+def _register() -> None:
+    from seqbench.memcalc import flops_cmd, memory_cmd
+    from seqbench.report import compare_cmd, plot_cmd
+
+    app.command("plot", help="Figures, report.md and report.html for a run folder (or each run in a folder).")(plot_cmd)
+    app.command("compare", help="Per-point ratios of two runs; exit 1 on a flagged slowdown.")(compare_cmd)
+    app.command("memory", help="Analytic KV-cache, state and parameter bytes of published architectures.")(memory_cmd)
+    app.command("flops", help="Analytic FLOPs per token of published architectures (an estimate).")(flops_cmd)
+
+
+_register()
 
 
 def main() -> None:
