@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import combinations, pairwise
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
@@ -99,15 +100,22 @@ def load_run(run_dir: str | Path) -> pd.DataFrame:
         raise RunError(f"{run_dir}: not a run folder (no points.jsonl or results.csv)")
     if df.empty:
         raise RunError(f"{run_dir}: the run has no points yet")
-    for col in NUMERIC:
-        df[col] = pd.to_numeric(df[col], errors="coerce") if col in df else np.nan
-    for col in TEXT:
-        df[col] = df[col].fillna("").astype(str) if col in df else ""
-    df["noisy"] = df["noisy"].fillna(False).astype(bool) if "noisy" in df else False
-    # A resumed run may hold a point twice; the last record wins.
-    df = df.drop_duplicates(subset=KEYS, keep="last").reset_index(drop=True)
+    df = normalize(df)
     df.attrs["run_dir"] = str(run_dir)
     return df
+
+
+def normalize(rows: pd.DataFrame | list[dict]) -> pd.DataFrame:
+    """Result rows (dicts or a frame, e.g. straight from the sweep) with every column present and typed."""
+    df = pd.DataFrame(rows).copy()
+    for col in NUMERIC:
+        df[col] = pd.to_numeric(df[col], errors="coerce").astype(float) if col in df else np.nan
+    for col in TEXT:
+        df[col] = df[col].fillna("").astype(str) if col in df else ""
+    flag = lambda v: v.strip().lower() == "true" if isinstance(v, str) else bool(v) if pd.notna(v) else False  # noqa: E731
+    df["noisy"] = df["noisy"].map(flag).astype(bool) if "noisy" in df else False
+    # A resumed run may hold a point twice; the last record wins.
+    return df.drop_duplicates(subset=KEYS, keep="last").reset_index(drop=True)
 
 
 def load_meta(run_dir: str | Path) -> dict:
@@ -162,11 +170,7 @@ def t_quantile(level: float, dof: int) -> float:
     if dof < 1:
         raise ValueError("need at least one degree of freedom")
     if dof > 2000:  # normal quantile with the first Cornish-Fisher correction
-        lo, hi = 0.0, 10.0
-        for _ in range(100):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if math.erf(mid / math.sqrt(2)) < level else (lo, mid)
-        z = (lo + hi) / 2
+        z = NormalDist().inv_cdf((1 + level) / 2)
         return z + (z**3 + z) / (4 * dof)
     lo, hi = 0.0, math.pi / 2
     for _ in range(100):  # bisection on theta = atan(t / sqrt(dof)); the probability is monotone in theta

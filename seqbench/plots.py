@@ -128,26 +128,34 @@ def _series_panel(ax, df: pd.DataFrame, metric: str, colors: dict, slopes: dict,
     present = [m for m in colors if m in set(df["model"])]
     for index, model in enumerate(present):
         sub = df[df["model"] == model].sort_values("seq_len")
-        ok = sub[(sub["status"] == "ok") & sub[metric].notna()]
+        measured = sub[(sub["status"] == "ok") & sub[metric].notna()]
+        ok, zero = measured[measured[metric] > 0], measured[measured[metric] <= 0]
         color = colors[model]
+        if len(zero):  # a log axis cannot show 0 (e.g. no new pages touched): marked on the bottom edge instead
+            ax.scatter(zero["seq_len"], [0.03] * len(zero), transform=ax.get_xaxis_transform(), marker="v",
+                       facecolor="white", edgecolor=color, s=28, clip_on=False, zorder=5)
+            statuses.add("zero")
         if len(ok):
+            # Lines only join adjacent measured lengths: a failed or zero point in between breaks them (NaN).
+            shown = sub["seq_len"].isin(ok["seq_len"])
+            line = sub[metric].where(shown)
             # Earlier series are drawn wider, so identical curves (e.g. equal state sizes) stay visible.
-            ax.plot(ok["seq_len"], ok[metric], "-", color=color, lw=1.4 + 0.4 * (len(present) - 1 - index))
+            ax.plot(sub["seq_len"], line, "-", color=color, lw=1.4 + 0.3 * (len(present) - 1 - index))
             noisy = ok["noisy"].to_numpy(bool) & (band is not None)  # the flag is about timing noise
             ax.scatter(ok["seq_len"][~noisy], ok[metric][~noisy], color=color, s=22, zorder=4)
             ax.scatter(ok["seq_len"][noisy], ok[metric][noisy], facecolor="white", edgecolor=color, s=26, zorder=4)
-            if band == "time":
-                ax.fill_between(ok["seq_len"], ok["time_p25_s"], ok["time_p75_s"], color=color, alpha=0.15, lw=0)
-            elif band == "rate":
-                toks = ok["batch"] * ok["seq_len"]
-                ax.fill_between(ok["seq_len"], toks / ok["time_p75_s"], toks / ok["time_p25_s"], color=color,
-                                alpha=0.15, lw=0)
+            if band:
+                p25, p75 = sub["time_p25_s"].where(shown), sub["time_p75_s"].where(shown)
+                lo, hi = (p25, p75) if band == "time" else (sub["batch"] * sub["seq_len"] / p75,
+                                                            sub["batch"] * sub["seq_len"] / p25)
+                ax.fill_between(sub["seq_len"], lo, hi, color=color, alpha=0.15, lw=0)
         failed = _mark_failures(ax, sub, color, slot)
         slot += bool(failed)
         statuses |= failed
         slope = slopes.get(model)
         label = model + (f" ({label_fn(sub)})" if label_fn else "")
-        label += f"  k = {slope:.2f}" if slope is not None and np.isfinite(slope) else ""
+        label += f"  k = {slope + 0.0 if abs(slope) >= 0.005 else 0.0:.2f}" if slope is not None and np.isfinite(
+            slope) else ""
         handles.append(Line2D([], [], color=color, marker="o", ms=4, label=label))
     ax.set_yscale("log")
     ax.grid(True, which="major", alpha=0.3)
@@ -155,6 +163,9 @@ def _series_panel(ax, df: pd.DataFrame, metric: str, colors: dict, slopes: dict,
         lo, hi = ax.get_ylim()
         frac = 0.06 + 0.045 * slot
         ax.set_ylim(lo, math.exp(math.log(lo) + (math.log(hi) - math.log(lo)) / (1 - frac)))
+    if "zero" in statuses:
+        statuses.discard("zero")
+        handles.append(Line2D([], [], ls="", marker="v", mfc="white", color="0.3", label="0 (off the log axis)"))
     if band is not None and df["noisy"].any():
         handles.append(Line2D([], [], ls="", marker="o", mfc="white", color="0.3", label="noisy (IQR > 10%)"))
     # Outside the axes, so it never hides a curve or a failure marker on the top edge.

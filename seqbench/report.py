@@ -38,6 +38,7 @@ from seqbench.analysis import (
     load_meta,
     load_run,
     model_order,
+    normalize,
     ok_rows,
     pick_unit,
     pivot,
@@ -71,13 +72,17 @@ def metric_table(df: pd.DataFrame, metric: str, workload: str, batch: int) -> tu
     return out.reset_index().rename(columns={"index": "model"}), "" if per_cell else f" [{unit}]"
 
 
+def _k(x: float) -> str:
+    return f"{x:.2f}" if abs(x) >= 0.005 else "0.00"  # never "-0.00"
+
+
 def exponent_strings(fits: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for r in fits.itertuples():
         ok = r.status == "ok"
         rows.append({
             "model": r.model, "metric": r.label, "batch": r.batch,
-            "exponent [95% CI]": f"{r.slope:.2f} [{r.ci_low:.2f}, {r.ci_high:.2f}]" if ok else r.status,
+            "exponent [95% CI]": f"{_k(r.slope)} [{_k(r.ci_low)}, {_k(r.ci_high)}]" if ok else r.status,
             "R²": f"{r.r2:.3f}" if ok and math.isfinite(r.r2) else "–",
             "fitted L": f"{r.l_min:.0f}–{r.l_max:.0f} ({r.n} pts)" if ok else f"{r.n} pts",
             "local slopes": r.local_slopes or "–", "asymptotic": ("yes" if r.asymptotic else "no") if ok else "–",
@@ -252,14 +257,18 @@ def _exponent_matrix(fits: pd.DataFrame) -> pd.DataFrame:
     """Models x metrics, each cell "k ±half" with ✓ when asymptotic: the compact terminal view."""
     cells = {}
     for r in fits.itertuples():
-        text = f"{r.slope:.2f} ±{(r.ci_high - r.ci_low) / 2:.2f}{' ✓' if r.asymptotic else ''}" if r.status == "ok" \
+        text = f"{_k(r.slope)} ±{(r.ci_high - r.ci_low) / 2:.2f}{' ✓' if r.asymptotic else ''}" if r.status == "ok" \
             else "too few pts"
         cells.setdefault(r.model, {})[METRIC_LABELS[r.metric]] = text
     return pd.DataFrame.from_dict(cells, orient="index").fillna("–").rename_axis("model").reset_index()
 
 
 def render_summary(console: Console, df: pd.DataFrame) -> None:
-    """The key tables in the terminal: headline metric (and cache) per (workload, batch), exponents, crossovers."""
+    """The key tables in the terminal: headline metric (and cache) per (workload, batch), exponents, crossovers.
+
+    ``df`` may come straight from the sweep's rows (None for unmeasured values); it is normalized here.
+    """
+    df = normalize(df)
     for workload, batch in _cells(df):
         metrics = [HEADLINE[workload]] + (["cache_bytes"] if workload == "decode" else [])
         for metric in metrics:
@@ -296,6 +305,9 @@ def compare_runs(run_a: str | Path, run_b: str | Path, threshold: float = 1.10,
     fails in B (a new OOM or timeout is a regression too).
     """
     a, b = load_run(run_a), load_run(run_b)
+    for df in (a, b):  # without percentiles, only the ratio minimum separates change from noise
+        df["time_p25_s"] = df["time_p25_s"].fillna(df["time_median_s"])
+        df["time_p75_s"] = df["time_p75_s"].fillna(df["time_median_s"])
     m = a.merge(b, on=KEYS, suffixes=("_a", "_b"))
     rows = []
     for r in m.itertuples():
@@ -370,13 +382,16 @@ def compare_cmd(
         _fail(f"{run_a} and {run_b} share no grid points")
     for note in table.attrs.get("mismatch", []):
         out.print(f"[yellow]warning:[/] runs differ in {note}", highlight=False)
-    shown = table[table["change"] != "within noise"]
-    view = shown.assign(time_a_s=shown["time_a_s"].map(lambda v: fmt_metric(v, "_s")),
-                        time_b_s=shown["time_b_s"].map(lambda v: fmt_metric(v, "_s")),
-                        ratio=shown["ratio"].map(lambda v: f"{v:.2f}×" if math.isfinite(v) else "–"),
-                        flagged=shown["flagged"].map({True: "FLAGGED", False: ""}))
+    shown = table[~table["change"].isin(["within noise", "failed in both"])]
+    view = pd.DataFrame({
+        "model": shown["model"], "workload": shown["workload"], "batch": shown["batch"], "L": shown["seq_len"],
+        "A": shown["time_a_s"].map(lambda v: fmt_metric(v, "_s")),
+        "B": shown["time_b_s"].map(lambda v: fmt_metric(v, "_s")),
+        "B/A": shown["ratio"].map(lambda v: f"{v:.2f}×" if math.isfinite(v) else "–"),
+        "change": shown["change"] + shown["flagged"].map({True: " (flagged)", False: ""}),
+    })
     if len(view):
-        out.print(_rich(view.drop(columns=["status_a", "status_b"]), "changes beyond noise (B / A)"))
+        out.print(_rich(view, f"time changes beyond noise, B = {Path(run_b).name} vs A = {Path(run_a).name}"))
     ok = table["ratio"].dropna()
     counts = table["change"].value_counts().to_dict()
     gm = math.exp(ok.map(math.log).mean()) if len(ok) else math.nan

@@ -8,6 +8,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import typer
 import yaml
@@ -158,7 +159,8 @@ def test_report_survives_a_run_with_one_length_and_only_failures(tmp_path):
 
 def test_render_summary_prints_key_tables(run_dir):
     console = Console(record=True, width=160)
-    render_summary(console, load_run(run_dir))
+    raw = pd.DataFrame([json.loads(line) for line in (run_dir / "points.jsonl").read_text().splitlines()])
+    render_summary(console, raw)  # as the sweep hands it over: None for unmeasured values, no normalization
     text = console.export_text()
     assert "transformer" in text and "hybrid" in text and "exponent" in text.lower() and "16384" in text
 
@@ -190,6 +192,22 @@ def test_compare_cmd_exit_codes(tmp_path, capsys):
         compare_cmd(old, tmp_path / "missing")
     assert e.value.exit_code == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_commands_register_on_a_typer_app_and_parse_options(tmp_path):
+    """As cli.py registers them: one line each; --threshold parses; exit codes reach the shell."""
+    from typer.testing import CliRunner
+
+    app = typer.Typer()
+    app.command("plot")(plot_cmd)
+    app.command("compare")(compare_cmd)
+    old = write_run(tmp_path / "a", seed=1, jitter=0.01)
+    slow = write_run(tmp_path / "c", seed=2, jitter=0.01, slow={("mamba2", "decode", 256): 1.5})
+    runner = CliRunner()
+    assert runner.invoke(app, ["compare", str(old), str(slow)]).exit_code == 1
+    assert runner.invoke(app, ["compare", str(old), str(slow), "--threshold", "1.6"]).exit_code == 0
+    missing = runner.invoke(app, ["plot", str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and "no such folder" in missing.output
 
 
 def test_plot_cmd_accepts_a_folder_of_runs_and_rejects_empty(tmp_path):
