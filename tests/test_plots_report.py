@@ -65,15 +65,16 @@ def _row(run_id, model, workload, L, median, spread, extra) -> dict:
 
 
 def write_run(root: Path, name: str = "demo", seed: int = 0, jitter: float = 0.0, spread: float = 0.03,
-              slow: dict | None = None) -> Path:
+              slow: dict | None = None, models: tuple[str, ...] = tuple(MODELS), lengths: list[int] = LENGTHS) -> Path:
     """A run folder like ``seqbench run`` writes; ``slow`` multiplies chosen points' times, ``jitter`` adds noise."""
     rng = np.random.default_rng(seed)
     run_dir = root / f"{name}-20260101T000000Z"
     run_dir.mkdir(parents=True)
     rows = []
     for workload in ("prefill", "decode"):
-        for model, (_kind, pre, dec, cache) in MODELS.items():
-            for L in LENGTHS:
+        for model in models:
+            _kind, pre, dec, cache = MODELS[model]
+            for L in lengths:
                 base = pre[0] * L + pre[1] * L * L + pre[2] if workload == "prefill" else dec[0] + dec[1] * L
                 median = base * math.exp(jitter * rng.standard_normal()) * (slow or {}).get((model, workload, L), 1)
                 s = 0.08 if (model, workload, L) == ("mamba", "decode", 512) else spread
@@ -83,8 +84,8 @@ def write_run(root: Path, name: str = "demo", seed: int = 0, jitter: float = 0.0
                 rows.append(_row(run_dir.name, model, workload, L, median, s, extra))
     (run_dir / "points.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = {"name": name, "device": "cpu", "dtype": "float32", "threads": 2,
-              "models": [{"name": m, "kind": k} for m, (k, *_rest) in MODELS.items()],
-              "sweep": {"seq_lens": LENGTHS, "batch": [1], "workloads": ["prefill", "decode"], "new_tokens": 16}}
+              "models": [{"name": m, "kind": MODELS[m][0]} for m in models],
+              "sweep": {"seq_lens": lengths, "batch": [1], "workloads": ["prefill", "decode"], "new_tokens": 16}}
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     env = {"python": "3.11.7", "torch": "2.13.0+cpu", "cuda": None, "device": "cpu", "device_name": "AMD EPYC",
            "cpu_model": "AMD EPYC", "cores": 2, "threads": 2, "dtype": "float32", "seed": 0, "git_commit": "abc123",
@@ -211,8 +212,9 @@ def test_commands_register_on_a_typer_app_and_parse_options(tmp_path):
 
 
 def test_plot_cmd_accepts_a_folder_of_runs_and_rejects_empty(tmp_path):
-    write_run(tmp_path / "many", name="one")
-    write_run(tmp_path / "many", name="two", seed=3)
+    small = {"models": ("transformer", "mamba"), "lengths": [256, 512, 1024]}  # small: two full reports
+    write_run(tmp_path / "many", name="one", **small)
+    write_run(tmp_path / "many", name="two", seed=3, **small)
     plot_cmd(tmp_path / "many")
     for run in find_runs(tmp_path / "many"):
         assert (run / "report.html").is_file() and (run / "plots" / "decode_latency.png").is_file()
