@@ -56,7 +56,8 @@ class GatedRMSNorm(nn.Module):
         if z is not None and not self.norm_before_gate:
             y32 = y32 * F.silu(z.float())
         grouped = y32.unflatten(-1, (-1, self.group_size))  # (..., groups, group_size)
-        grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)
+        mean_sq = torch.linalg.vector_norm(grouped, dim=-1, keepdim=True).square() / self.group_size  # no x² copy
+        grouped = grouped * torch.rsqrt(mean_sq + self.eps)
         out = grouped.flatten(-2) * self.weight.float()  # (..., dim)
         if z is not None and self.norm_before_gate:
             out = out * F.silu(z.float())

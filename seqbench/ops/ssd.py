@@ -35,6 +35,7 @@ from torch import Tensor
 # Measured on CPU: past ~16 MiB per temporary, glibc serves allocations by fresh mmap and every call pays
 # page faults, which made whole-sequence processing several times slower than small groups.
 GROUP_ELEMS = 1 << 21
+MIN_LOG_DECAY = -80.0  # floor of the in-chunk log-decays fed to exp, see _segment_decay
 
 
 def _check_shapes(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None) -> None:
@@ -66,6 +67,21 @@ def _discretize_dt(dt: Tensor, dt_bias: Tensor | None, dt_softplus: bool, dt_lim
     return dt
 
 
+def _segment_decay(cum: Tensor) -> Tensor:
+    """exp(cum_i - cum_j) for i >= j as a float32 (..., q, q) tensor, from float64 cumulative sums (..., q).
+
+    Entries with i < j (where the difference is positive and may overflow) are clamped to exp(0) = 1;
+    the caller zeroes them through the masked scores. Log-decays below MIN_LOG_DECAY are raised to it:
+    exp(-80) ~ 2e-35 is far below float32 resolution of any sum it enters, and CPU exp is 5-30x slower on
+    inputs whose result is subnormal or zero (measured), which long chunks with large Δ produce in bulk.
+    """
+    if torch.is_grad_enabled() and cum.requires_grad:
+        return torch.exp((cum.unsqueeze(-1) - cum.unsqueeze(-2)).float().clamp(MIN_LOG_DECAY, 0.0))
+    seg = torch.empty(*cum.shape, cum.shape[-1], dtype=torch.float32, device=cum.device)  # (..., i, j)
+    torch.sub(cum.unsqueeze(-1), cum.unsqueeze(-2), out=seg)  # float64 difference, rounded once to float32
+    return seg.clamp_(MIN_LOG_DECAY, 0.0).exp_()
+
+
 def _chunk_group(
     x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, state: Tensor, upper: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -93,12 +109,11 @@ def _chunk_group(
     dA = (dt * A).permute(0, 1, 3, 4, 2)  # (b, c, g, r, q): log-decay of every step
     cum = torch.cumsum(dA.double(), dim=-1)  # (b, c, g, r, q) float64, see module docstring
 
-    # 1. Diagonal blocks: y_diag[i] = sum_{j<=i} exp(cum_i - cum_j) (C_i . B_j) Δ_j x_j
-    seg = (cum.unsqueeze(-1) - cum.unsqueeze(-2)).float()  # (b, c, g, r, i, j)
-    decay = torch.exp(seg.masked_fill_(upper, -math.inf))  # (b, c, g, r, i, j)
-    scores = torch.einsum("bcign,bcjgn->bcgij", C, B)  # (b, c, g, i, j), shared by the r heads of a group
+    # 1. Diagonal blocks: y_diag[i] = sum_{j<=i} exp(cum_i - cum_j) (C_i . B_j) Δ_j x_j. The causal mask is
+    #    applied to the scores, shared by the r heads of a group (r times fewer elements than the decays).
+    scores = torch.einsum("bcign,bcjgn->bcgij", C, B).masked_fill_(upper, 0.0)  # (b, c, g, i, j)
     xdt = x * dt.unsqueeze(-1)  # (b, c, q, g, r, p)
-    y = torch.einsum("bcgrij,bcjgrp->bcigrp", decay * scores.unsqueeze(3), xdt)  # (b, c, q, g, r, p)
+    y = torch.einsum("bcgrij,bcjgrp->bcigrp", _segment_decay(cum) * scores.unsqueeze(3), xdt)  # (b, c, q, g, r, p)
 
     # 2. State each chunk would leave from a zero start: sum_j exp(cum_last - cum_j) Δ_j x_j B_j^T
     to_end = torch.exp(cum[..., -1:] - cum).float().permute(0, 1, 4, 2, 3)  # (b, c, q, g, r)
@@ -158,6 +173,10 @@ def ssd(
 
     upper = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=x.device).triu(1)  # (i, j): j > i
     span = max(1, GROUP_ELEMS // (b * h * chunk_size * chunk_size)) * chunk_size  # positions per group
+    # Without autograd the groups are written into one preallocated output (no extra copy for a cat).
+    tracked = (x, dt, A, B, C, D, z, dt_bias, initial_states)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tracked)
+    y = None if grad else torch.empty(b, l, h, p, dtype=x.dtype, device=x.device)  # (b, l, h, p)
     pieces = []
     for s in range(0, l, span):
         e = min(s + span, l)
@@ -165,11 +184,12 @@ def ssd(
         y_g, state = _chunk_group(x[:, s:e].float(), dt_g, A32, B[:, s:e].float(), C[:, s:e].float(), D32, state, upper)
         if z is not None:
             y_g = y_g * F.silu(z[:, s:e].float())
-        pieces.append(y_g.to(x.dtype))
-    if not pieces:  # l == 0
-        y = x.new_zeros(x.shape)
-    else:
-        y = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)  # (b, l, h, p)
+        if y is None:
+            pieces.append(y_g.to(x.dtype))
+        else:
+            y[:, s:e] = y_g
+    if y is None:
+        y = torch.cat(pieces, dim=1) if pieces else x.new_zeros(x.shape)  # (b, l, h, p)
     if return_final_states:
         return y, state.reshape(b, h, p, n)
     return y
