@@ -179,13 +179,14 @@ def _blocks(run_dir: Path, df: pd.DataFrame, meta: dict, figures: list[Path]) ->
     n_ok = int((df["status"] == "ok").sum())
     blocks: list[tuple] = [
         ("h1", f"seqbench report: {name}"),
-        ("p", f"Run folder `{run_dir.name}`: {len(df)} grid points, {n_ok} measured, {len(df) - n_ok} failed or "
+        ("p", f"Run folder {run_dir.name}: {len(df)} grid points, {n_ok} measured, {len(df) - n_ok} failed or "
               "skipped (shown in place, never dropped)."),
         ("h2", "Environment"), ("table", pd.DataFrame(env_rows, columns=["key", "value"])),
         ("h2", "Models"), ("table", models_table(df)),
         ("h2", "Measurements (model × L)"),
         ("p", "Medians. † marks a noisy point (IQR/median > 0.10). Decode rows are per generated token at a "
-              "context of L tokens; cache bytes are the allocated KV cache or recurrent state after L tokens."),
+              "context of L tokens; cache bytes are the KV cache or recurrent state allocated for that context, "
+              "summed over its tensors as the sweep recorded them."),
     ]
     for workload, batch in _cells(df):
         for metric in WORKLOAD_METRICS[workload]:
