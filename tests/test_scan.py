@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from seqbench.ops.scan import selective_state_update
+from seqbench.ops import scan
+from seqbench.ops.scan import selective_scan, selective_state_update
 
 
 def loop_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, h0=None):
@@ -81,3 +82,131 @@ def test_state_update_keeps_state_dtype_and_returns_input_dtype():
     out = selective_state_update(state, x, x.abs(), -torch.ones(4, 3), torch.ones(2, 3), torch.ones(2, 3))
     assert out.dtype == torch.bfloat16 and state.dtype == torch.float32
     assert state.abs().sum() > 0
+
+
+def _inputs(batch, d, n, l, groups=0, seed=0, extreme=False):
+    g = torch.Generator().manual_seed(seed)
+    u, z = torch.randn(batch, d, l, generator=g), torch.randn(batch, d, l, generator=g)
+    delta = torch.rand(batch, d, l, generator=g) * 1.5 + 0.01  # positive: also a valid step without softplus
+    if extreme:  # a mix of huge steps (forget everything), tiny steps (remember everything) and normal ones
+        pick = torch.rand(batch, d, l, generator=g)
+        delta = torch.where(pick < 0.2, torch.full_like(delta, 1e3), delta)
+        delta = torch.where((pick >= 0.2) & (pick < 0.5), torch.full_like(delta, 1e-6), delta)
+    A = -torch.rand(d, n, generator=g) * (16 if extreme else 3) - 0.05
+    bshape = (batch, groups, n, l) if groups else (batch, n, l)
+    B, C = torch.randn(bshape, generator=g), torch.randn(bshape, generator=g)
+    D, bias, h0 = torch.randn(d, generator=g), torch.randn(d, generator=g) * 0.1, torch.randn(batch, d, n, generator=g)
+    return dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=bias, h0=h0)
+
+
+CASES = {  # name -> (use groups, D, z, delta_bias + softplus, initial state)
+    "plain": (0, False, False, False, False),
+    "groups": (2, False, False, False, False),
+    "full": (2, True, True, True, True),
+    "D-z-softplus": (0, True, True, True, False),
+}
+
+
+def _call(x, case, **kw):
+    groups, use_d, use_z, use_sp, use_h0 = case
+    return selective_scan(
+        x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"] if use_d else None, x["z"] if use_z else None,
+        x["delta_bias"] if use_sp else None, use_sp, x["h0"] if use_h0 else None, return_final_state=True, **kw,
+    )
+
+
+def _oracle(x, case):
+    groups, use_d, use_z, use_sp, use_h0 = case
+    return loop_scan(
+        x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"] if use_d else None, x["z"] if use_z else None,
+        x["delta_bias"] if use_sp else None, use_sp, x["h0"] if use_h0 else None,
+    )
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Force 32-step chunks so short sequences cross several chunk boundaries and uneven tails."""
+    monkeypatch.setattr(scan, "_MAX_CHUNK", 32)
+    monkeypatch.setattr(scan, "_MIN_CHUNK", 32)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("l", [1, 13, 53, 300])
+def test_chunked_scan_equals_loop(batch, case, l, small_chunks):
+    x = _inputs(batch, 8, 4, l, groups=CASES[case][0], seed=l)
+    y, h = _call(x, CASES[case])
+    y_ref, h_ref = _oracle(x, CASES[case])
+    torch.testing.assert_close(y, y_ref.float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(h, h_ref.float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("l", [300, 1000])
+def test_default_chunking_equals_loop(l):
+    """Default chunk length (256 at this size): deeper in-chunk recursion and a ragged last chunk."""
+    x = _inputs(2, 6, 3, l, groups=3, seed=7)
+    y, h = _call(x, CASES["full"])
+    y_ref, h_ref = _oracle(x, CASES["full"])
+    torch.testing.assert_close(y, y_ref.float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(h, h_ref.float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("softplus", [False, True])
+def test_extreme_delta_is_stable_and_exact(batch, softplus, small_chunks):
+    x = _inputs(batch, 8, 4, 200, seed=3, extreme=True)
+    case = (0, True, True, softplus, True)
+    if softplus:  # softplus(1e3) = 1e3; tiny raw values become ~0.69, so also feed very negative raw deltas
+        x["delta"] = torch.where(x["delta"] == 1e-6, torch.full_like(x["delta"], -14.0), x["delta"])
+        x["delta_bias"] = torch.zeros_like(x["delta_bias"])
+    y, h = _call(x, case)
+    y_ref, h_ref = _oracle(x, case)
+    assert torch.isfinite(y).all() and torch.isfinite(h).all()
+    scale = y_ref.abs().max().item()
+    torch.testing.assert_close(y, y_ref.float(), rtol=1e-4, atol=1e-5 * scale)
+    torch.testing.assert_close(h, h_ref.float(), rtol=1e-4, atol=1e-5 * h_ref.abs().max().item())
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("case", ["groups", "full"])
+def test_gradients_match_loop_autograd(batch, case, small_chunks):
+    x = _inputs(batch, 8, 4, 77, groups=CASES[case][0], seed=11)
+    names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "h0"]
+    ours = {k: x[k].clone().requires_grad_() for k in names}
+    ref = {k: x[k].double().requires_grad_() for k in names}
+    g = torch.Generator().manual_seed(5)
+    wy, wh = torch.randn(batch, 8, 77, generator=g), torch.randn(batch, 8, 4, generator=g)
+    y, h = _call(ours, CASES[case])
+    ((y * wy).sum() + (h * wh).sum()).backward()
+    y_ref, h_ref = _oracle(ref, CASES[case])
+    ((y_ref * wy.double()).sum() + (h_ref * wh.double()).sum()).backward()
+    used = [k for k in names if ref[k].grad is not None]
+    assert {"u", "delta", "A", "B", "C"} <= set(used)
+    for k in used:
+        torch.testing.assert_close(ours[k].grad, ref[k].grad.float(), rtol=1e-4, atol=1e-4, msg=k)
+
+
+def test_grad_and_inference_paths_agree():
+    x = _inputs(2, 8, 4, 100, groups=2, seed=2)
+    with torch.no_grad():
+        y0, h0 = _call(x, CASES["full"])
+    y1, h1 = _call({k: v.clone().requires_grad_() for k, v in x.items()}, CASES["full"])
+    torch.testing.assert_close(y1.detach(), y0, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(h1.detach(), h0, rtol=1e-6, atol=1e-6)
+
+
+def test_low_precision_inputs_compute_in_float32():
+    x = _inputs(2, 8, 4, 64, seed=4)
+    y32 = _call(x, CASES["D-z-softplus"])[0]
+    xb = {k: v.bfloat16() for k, v in x.items()}
+    yb, hb = _call(xb, CASES["D-z-softplus"])
+    assert yb.dtype == torch.bfloat16 and hb.dtype == torch.float32
+    torch.testing.assert_close(yb.float(), y32, rtol=0.05, atol=0.05)
+
+
+def test_bad_shapes_raise_clear_errors():
+    x = _inputs(1, 6, 4, 10)
+    with pytest.raises(ValueError, match="groups"):
+        selective_scan(x["u"], x["delta"], x["A"], torch.randn(1, 4, 4, 10), torch.randn(1, 4, 4, 10))
+    with pytest.raises(ValueError, match="complex"):
+        selective_scan(x["u"], x["delta"], x["A"].to(torch.complex64), x["B"], x["C"])
