@@ -10,14 +10,16 @@ torch's allocations and ``ru_maxrss`` cannot be reset, so neither is used.
 from __future__ import annotations
 
 import fcntl
+import functools
+import gc
 import math
 import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator
 
 import torch
 
@@ -155,6 +157,26 @@ def _proc_status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
+def release_free_memory() -> None:
+    """Return freed heap pages to the OS (glibc malloc_trim) so the baseline RSS holds only live memory;
+    otherwise pages freed by earlier points are reused silently and later peaks read too low."""
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+
+
 class PeakMemory:
     """Context manager: ``peak_bytes`` = peak memory inside the block above the memory at entry.
 
@@ -172,6 +194,8 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self._base = torch.cuda.memory_allocated()
         else:
+            gc.collect()
+            release_free_memory()
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
             self._base = _proc_status_kib("VmRSS") * 1024
@@ -203,7 +227,9 @@ def tensor_bytes(tensors) -> int:
 # ---- roofline calibration -----------------------------------------------------------------------------
 
 
-def calibrate(device: torch.device, dtype: torch.dtype = torch.float32, matmul_n: int = 2048, copy_mib: int = 256) -> dict:
+def calibrate(
+    device: torch.device, dtype: torch.dtype = torch.float32, matmul_n: int = 2048, copy_mib: int = 256
+) -> dict:
     """Measure peak dense matmul FLOP/s and memory bandwidth (copy: read + write) on ``device``.
 
     Each figure is the best of several timed runs: it stands for what the hardware can reach, not a typical run.
@@ -212,7 +238,7 @@ def calibrate(device: torch.device, dtype: torch.dtype = torch.float32, matmul_n
     policy = TimingPolicy(warmup=2, min_samples=5, max_samples=50, min_time_s=0.5)
     a = torch.randn(matmul_n, matmul_n, device=device, dtype=dtype)
     b = torch.randn(matmul_n, matmul_n, device=device, dtype=dtype)
-    _, samples = time_repeated(lambda: torch.mm(a, b), clock, policy)
+    _, samples = time_repeated(functools.partial(torch.mm, a, b), clock, policy)
     peak_flops = 2 * matmul_n**3 / min(samples)
     del a, b
     n = copy_mib * 2**20 // 4

@@ -171,7 +171,7 @@ def _measure(spec: PointSpec, exp: Experiment, model: SeqModel, deadline: float)
         tokens_per_s=workload.tokens_per_call / t,
         latency_per_token_s=t if workload.per_step else None,
         latency_p90_s=stats.time_p90_s if workload.per_step else None,
-        cache_bytes=workload.cache.nbytes() if workload.cache is not None else None,
+        cache_bytes=workload.cache_bytes,
         peak_mem_bytes=mem.peak_bytes,
         param_count=model.num_params(),
         param_count_non_embedding=model.num_params(non_embedding=True),

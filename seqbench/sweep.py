@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 import torch
 import yaml
@@ -116,7 +116,9 @@ def run_sweep(
     on_done: Callable[[Key, dict, int, int], None] | None = None,
     on_wait: Callable[[], None] | None = None,
 ) -> list[dict]:
-    """Run every grid point not yet in ``state``; returns all rows in grid order. Raises Interrupted on SIGINT/SIGTERM."""
+    """Run every grid point not yet in ``state``; return all rows in grid order.
+
+    Raises Interrupted on SIGINT/SIGTERM; every finished point is already on disk."""
     try:
         with exclusive_machine(on_wait):
             return _run_sweep(state, on_start, on_done)

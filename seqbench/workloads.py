@@ -11,8 +11,8 @@ processes and the FLOPs / bytes that call moves (for the roofline columns).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ class Workload:
     bytes_per_call: int | None = None  # bytes that must be read per call (decode: params + cache)
     per_step: bool = False  # True: a fixed number of calls, each one decode step
     cache: ModelCache | None = None
+    cache_bytes: int | None = None  # decode: bytes of the cache at the context length
 
 
 def _tokens(model: SeqModel, batch: int, length: int, device: torch.device, seed: int) -> torch.Tensor:
@@ -61,8 +62,12 @@ def decode(model: SeqModel, batch: int, seq_len: int, device: torch.device, seed
         with torch.inference_mode():
             return model.step(steps[:, i : i + 1], cache)
 
-    bytes_per_step = model.param_bytes() + cache.nbytes()
-    return Workload(call, batch, batch * model.step_flops(seq_len), bytes_per_step, per_step=True, cache=cache)
+    # The bytes the model allocates to hold exactly seq_len positions: the same allocation code, on the meta
+    # device (no memory). The timed cache is larger by the warmup + new_tokens positions it still has to fill.
+    cache_bytes = model.allocate_cache(batch, seq_len, device="meta").nbytes()
+    bytes_per_step = model.param_bytes() + cache_bytes
+    return Workload(call, batch, batch * model.step_flops(seq_len), bytes_per_step, per_step=True, cache=cache,
+                    cache_bytes=cache_bytes)
 
 
 def train(model: SeqModel, batch: int, seq_len: int, device: torch.device, seed: int, **opts) -> Workload:

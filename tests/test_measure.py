@@ -40,10 +40,21 @@ def test_peak_memory_of_known_allocation_within_5_percent():
     assert mem.peak_bytes == pytest.approx(size, rel=0.05)
 
 
+def test_peak_memory_after_freed_medium_tensors():
+    """Memory freed before the measured block must not hide an allocation inside it."""
+    blocks = [torch.ones(2 * 2**20) for _ in range(32)]  # 32 × 8 MiB, then freed
+    del blocks
+    with PeakMemory(torch.device("cpu")) as mem:
+        blocks = [torch.ones(2 * 2**20) for _ in range(32)]
+        del blocks
+    assert mem.peak_bytes == pytest.approx(256 * 2**20, rel=0.05)
+
+
 @pytest.mark.parametrize("n_kv_heads", [4, 2])
 def test_attention_cache_bytes_equal_the_formula(n_kv_heads):
-    spec = experiment_from_dict({"name": "c", "models": [{"name": "a", "kind": "attention", "d_model": 64,
-                                 "n_layers": 3, "n_heads": 4, "n_kv_heads": n_kv_heads}], "sweep": {"seq_lens": [8]}}).models[0]
+    model_spec = {"name": "a", "kind": "attention", "d_model": 64, "n_layers": 3, "n_heads": 4,
+                  "n_kv_heads": n_kv_heads}
+    spec = experiment_from_dict({"name": "c", "models": [model_spec], "sweep": {"seq_lens": [8]}}).models[0]
     model = build_model(spec)
     b, L, head_dim = 2, 100, 16
     for dtype, size in ((torch.float32, 4), (torch.bfloat16, 2)):
@@ -78,8 +89,8 @@ def test_sweep_rows_decode_samples_cache_and_env(tmp_path):
     assert all(r["n_samples"] == 6 for r in decode)  # exactly new_tokens per-step samples
     for r in decode:
         d, heads = (32, 2) if r["model"] == "a" else (64, 4)
-        positions = r["seq_len"] + 1 + 6  # context + warmup step + timed steps
-        assert r["cache_bytes"] == 2 * 1 * 1 * positions * heads * (d // heads) * 4
+        # (k, v) · layers · batch · L · kv width · fp32
+        assert r["cache_bytes"] == 2 * 1 * 1 * r["seq_len"] * heads * (d // heads) * 4
         assert r["latency_per_token_s"] == r["time_median_s"] > 0
         assert math.isclose(r["tokens_per_s"], 1 / r["time_median_s"])
     prefill = [r for r in rows if r["workload"] == "prefill"]
@@ -111,7 +122,8 @@ def test_failures_become_rows_and_the_grid_stays_complete(tmp_path, isolation, f
     exp = experiment_from_dict({
         "name": failure, "device": "cpu", "threads": 2, "models": [model],
         "sweep": {"seq_lens": lengths, "workloads": ["train"]},
-        "measure": {"warmup": 1, "min_samples": 2, "min_time_s": 0, "calibrate": False, "isolation": isolation, **measure},
+        "measure": {"warmup": 1, "min_samples": 2, "min_time_s": 0, "calibrate": False, "isolation": isolation,
+                    **measure},
     })
     rows = run_sweep(prepare_run(exp, tmp_path))
     assert [r["status"] for r in rows] == list(expected)
