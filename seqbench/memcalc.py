@@ -42,7 +42,8 @@ import typer
 from seqbench.archs import ArchPreset, arch_names, did_you_mean, find_arch
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-SSM_STATE_DTYPE = "float32"  # seqbench's Mamba and Mamba-2 keep the SSM state in float32 at any model dtype
+# dtype of the SSM state as each of seqbench's mixers allocates it; None = the model dtype (as mamba_ssm does).
+SSM_STATE_DTYPE: dict[str, str | None] = {"mamba": None, "mamba2": None}
 DEFAULT_CONTEXTS = "4k,32k,128k,256k"
 
 
@@ -61,10 +62,13 @@ def conv_state_bytes(p: ArchPreset, batch: int = 1, dtype: str = "bfloat16") -> 
     return p.count("mamba") * mamba + p.count("mamba2") * mamba2
 
 
-def ssm_state_bytes(p: ArchPreset, batch: int = 1) -> int:
-    s = DTYPE_BYTES[SSM_STATE_DTYPE]
-    mamba = batch * p.d_inner * p.d_state * s
-    mamba2 = batch * p.mamba2_heads * p.headdim * p.d_state * s
+def ssm_state_dtype(kind: str, dtype: str) -> str:
+    return SSM_STATE_DTYPE[kind] or dtype
+
+
+def ssm_state_bytes(p: ArchPreset, batch: int = 1, dtype: str = "bfloat16") -> int:
+    mamba = batch * p.d_inner * p.d_state * DTYPE_BYTES[ssm_state_dtype("mamba", dtype)]
+    mamba2 = batch * p.mamba2_heads * p.headdim * p.d_state * DTYPE_BYTES[ssm_state_dtype("mamba2", dtype)]
     return p.count("mamba") * mamba + p.count("mamba2") * mamba2
 
 
@@ -144,7 +148,7 @@ def memory(p: ArchPreset, context: int, batch: int = 1, dtype: str = "bfloat16")
     return Memory(
         preset=p.name, context=context, batch=batch, dtype=dtype,
         kv_cache_bytes=kv_cache_bytes(p, context, batch, dtype), conv_state_bytes=conv_state_bytes(p, batch, dtype),
-        ssm_state_bytes=ssm_state_bytes(p, batch), param_count=n, param_bytes=n * DTYPE_BYTES[dtype],
+        ssm_state_bytes=ssm_state_bytes(p, batch, dtype), param_count=n, param_bytes=n * DTYPE_BYTES[dtype],
     )
 
 
@@ -166,11 +170,18 @@ def _mamba_flops(p: ArchPreset, context: int, prefill: bool) -> int:
 
 
 def _mamba2_flops(p: ArchPreset, context: int, prefill: bool) -> int:
-    """Per token: projections, conv 2·(e+2gn)·w, state update and read 6·e·n (recurrent form)."""
-    e, h = p.d_inner, p.mamba2_heads
-    conv_ch = e + 2 * p.ngroups * p.d_state
-    per_token = 2 * (p.d_model * (e + conv_ch + h) + e * p.d_model) + 2 * conv_ch * p.d_conv + 6 * e * p.d_state
-    return per_token * (context if prefill else 1)
+    """As ``Mamba2.prefill_flops`` / ``step_flops``: per token projections 2·d·(2e + 2gn + h) + 2·e·d, conv
+    2·(e + 2gn)·w, D skip 2e. Decode adds 5·e·n (decay, input, readout per state element). A prefill of L
+    tokens runs chunked SSD over L_pad = Q·ceil(L/Q) with Q = chunk_size: 2·L_pad·Q·(g·n + e) for C·Bᵀ and
+    the diagonal blocks, 4·L_pad·e·n for chunk states and readout, 2·(L_pad/Q)·e·n for passing states."""
+    e, n, g = p.d_inner, p.d_state, p.ngroups
+    conv_ch = e + 2 * g * n
+    per_token = 2 * (p.d_model * (e + conv_ch + p.mamba2_heads) + e * p.d_model) + 2 * conv_ch * p.d_conv + 2 * e
+    if not prefill:
+        return per_token + 5 * e * n
+    q = p.chunk_size
+    padded = q * -(-context // q)
+    return context * per_token + 2 * padded * q * (g * n + e) + 4 * padded * e * n + 2 * (padded // q) * e * n
 
 
 _MIXER_FLOPS = {"attention": _attention_flops, "mamba": _mamba_flops, "mamba2": _mamba2_flops}
@@ -300,7 +311,7 @@ def plot_memory(presets: list[ArchPreset], contexts: list[int], batch: int, dtyp
     hi = max(contexts)
     lo = min(contexts) if len(contexts) > 1 else max(1, hi // 64)
     grid = sorted({round(lo * (hi / lo) ** (i / 63)) for i in range(64)} | set(contexts))
-    fig = Figure(figsize=(8, 5), layout="constrained")
+    fig = Figure(figsize=(10, 5.5), layout="constrained")
     ax = fig.add_subplot()
     gib = 1024**3
     for idx, p in enumerate(presets):
@@ -316,7 +327,7 @@ def plot_memory(presets: list[ArchPreset], contexts: list[int], batch: int, dtyp
     ax.set_ylabel("GiB")
     ax.set_title(f"Inference memory, batch {batch}, {dtype} (analytic; activations excluded)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small", ncol=2)
+    fig.legend(loc="outside right upper", fontsize="small")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
 
@@ -335,14 +346,15 @@ def memory_cmd(
     if json_out:
         import json
 
-        typer.echo(json.dumps([{**m.as_dict(), "title": p.title, "ssm_state_dtype": SSM_STATE_DTYPE}
-                               for p, m in rows], indent=2))
+        typer.echo(json.dumps([{**m.as_dict(), "title": p.title, "ssm_state_dtype": {
+            k: ssm_state_dtype(k, dtype) for k in ("mamba", "mamba2") if p.count(k)}} for p, m in rows], indent=2))
     else:
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(title=f"Memory, batch {batch} (analytic; activations excluded). state = SSM state "
-                      f"({SSM_STATE_DTYPE}) + conv state; weights, KV and conv in {dtype}", title_justify="left")
+        own = [f"{k} SSM state in {v}" for k, v in SSM_STATE_DTYPE.items() if v and v != dtype]
+        table = Table(title=f"Memory, batch {batch}, {dtype} (analytic; activations excluded); state = SSM + conv "
+                      f"state{'; ' + ', '.join(own) if own else ''}", title_justify="left")
         table.add_column("preset", no_wrap=True)
         for col in ("context", "KV cache", "state", "weights", "total"):
             table.add_column(col, justify="right", no_wrap=True)
