@@ -16,8 +16,8 @@ y * silu(z), dt_bias, softplus, dt_limit clamp, initial and final states (b, h, 
 
 Numerics: everything runs in float32 whatever the input dtype; the within-chunk cumulative sums of Δ A
 are taken in float64, so every segment sum exp(cum_i - cum_j) keeps full float32 precision even when
-the cumulative decay inside a chunk is huge (extreme Δ). Masked entries are set to -inf before exp,
-so no overflow or NaN reaches the gradient.
+the cumulative decay inside a chunk is huge (extreme Δ). Log-decays are clamped to [-80, 0] before exp
+and the causal mask zeroes the scores, so no overflow, inf or NaN reaches the output or the gradient.
 
 Memory: long inputs are processed in groups of chunks, carrying the state from group to group, so the
 intermediates of one call are O(group) rather than O(l) (the output itself is O(l), as it must be).
