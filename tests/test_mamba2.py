@@ -145,6 +145,22 @@ def test_chunked_prefill_with_start_equals_one_forward(batch, piece):
     torch.testing.assert_close(torch.cat(again, dim=1), full[:, :6], rtol=1e-4, atol=1e-5)
 
 
+def test_dt_limit_clamps_delta_in_forward_and_step():
+    """With dt_limit = (c, c) every Δ is c: the dt rows of in_proj no longer matter (they do without a limit)."""
+    x = randn(2, 13, D_MODEL)
+    outs = {}
+    for limit in ((0.03, 0.03), (0.0, float("inf"))):
+        m = make(dt_limit=limit)
+        with torch.no_grad():
+            y1 = m(x)
+            m.in_proj.weight[-m.nheads :] += 3.0  # the rows that project dt
+            cache = m.allocate_cache(2, 13, torch.float32, "cpu")
+            y2 = torch.cat([m(x[:, :6], cache)] + [m.step(x[:, i : i + 1], cache, i) for i in range(6, 13)], dim=1)
+        outs[limit] = (y1, y2)
+    torch.testing.assert_close(*outs[(0.03, 0.03)], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(*outs[(0.0, float("inf"))], rtol=1e-3, atol=1e-3)
+
+
 def test_start_without_cache_is_an_error():
     with pytest.raises(ValueError, match="cache"):
         make()(randn(1, 4, D_MODEL), None, 4)

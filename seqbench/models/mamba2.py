@@ -168,6 +168,10 @@ class Mamba2(nn.Module):
     def _dt_limited(self) -> bool:
         return self.dt_limit != (0.0, float("inf"))
 
+    def _limited_dt(self, dt: Tensor, dt_bias: Tensor) -> Tensor:
+        """Δ = clamp(softplus(dt + dt_bias), *dt_limit) in float32 (mamba_ssm's order)."""
+        return F.softplus(dt.float() + dt_bias.float()).clamp(self.dt_limit[0], self.dt_limit[1])
+
     def _output(self, y: Tensor, z: Tensor, z0: Tensor, x0: Tensor) -> Tensor:
         """Gated norm (or nothing: the gate was applied inside the scan), MLP side path, out_proj."""
         if self.rmsnorm:
@@ -195,7 +199,9 @@ class Mamba2(nn.Module):
             fill_conv_state(conv_state, xBC)
         h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
         xs, B, C = xBC_act.transpose(1, 2).split([self.d_ssm, g * n, g * n], dim=-1)  # (b, l, *)
-        limit_kw = {"dt_limit": self.dt_limit} if self._dt_limited() else {}
+        dt_bias, softplus = self.dt_bias, True
+        if self._dt_limited():  # discretise and clamp Δ here, as in step: every ssd kernel then agrees
+            dt, dt_bias, softplus = self._limited_dt(dt, dt_bias), None, False
         out = self._ssd(
             xs.reshape(b, l, h, p),
             dt,
@@ -205,11 +211,10 @@ class Mamba2(nn.Module):
             self.chunk_size,
             D=self._D(),
             z=None if self.rmsnorm else z.reshape(b, l, h, p),
-            dt_bias=self.dt_bias,
-            dt_softplus=True,
+            dt_bias=dt_bias,
+            dt_softplus=softplus,
             initial_states=ssm_state if start > 0 else None,
             return_final_states=ssm_state is not None,
-            **limit_kw,
         )
         if ssm_state is not None:
             out, final = out
@@ -231,8 +236,7 @@ class Mamba2(nn.Module):
         dt = dt[:, :, None].expand(b, h, p)  # (b, h, p)
         softplus = True
         if self._dt_limited():  # the state-update kernel has no clamp: discretise Δ here
-            dt = F.softplus(dt.float() + dt_bias.float()).clamp(self.dt_limit[0], self.dt_limit[1])
-            dt_bias, softplus = None, False
+            dt, dt_bias, softplus = self._limited_dt(dt, dt_bias), None, False
         y = self._state_update(
             ssm_state,
             xs.reshape(b, h, p),
