@@ -184,6 +184,23 @@ def get_arch(name: str) -> ArchPreset:
     return preset
 
 
+def resolve_presets(names: list[str]) -> list[ArchPreset]:
+    """Presets by name (repeatable or comma-separated; ``all`` = every preset); ValueError lists the bad ones."""
+    wanted = [n.strip() for item in names for n in item.split(",") if n.strip()]
+    if any(n.lower() == "all" for n in wanted):
+        wanted = arch_names()
+    if not wanted:
+        raise ValueError(f"name at least one --preset; allowed: {', '.join(arch_names())}, all")
+    found, bad = [], []
+    for n in wanted:
+        p = find_arch(n)
+        (found if p else bad).append(p or n)
+    if bad:
+        hints = "; ".join(f"'{b}'{did_you_mean(b)}" for b in bad)
+        raise ValueError(f"unknown preset {hints}; allowed: {', '.join(arch_names())}, all")
+    return list(dict.fromkeys(found))
+
+
 # ---- bridges to seqbench's own models -----------------------------------------------------------------
 
 

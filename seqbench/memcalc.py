@@ -6,7 +6,8 @@ Memory (exact bytes; ``B`` = batch, ``L`` = context, ``s`` = bytes per element o
 - Mamba-1 state, per layer: conv ``B · d_inner · d_conv · s`` + SSM ``B · d_inner · d_state · s_ssm``.
 - Mamba-2 state, per layer: conv ``B · (d_inner + 2·ngroups·d_state) · d_conv · s``
   + SSM ``B · nheads · headdim · d_state · s_ssm``.
-- ``s_ssm`` is the element size of the SSM state as seqbench's mixers allocate it (``SSM_STATE_DTYPE``).
+- ``s_ssm`` is the element size of the SSM state as seqbench's mixers allocate it (``SSM_STATE_DTYPE``;
+  today both keep it in the model dtype, as mamba_ssm does, so ``s_ssm = s``).
 - Parameters: every stored tensor (all experts of a mixture), ``param_count · s``.
 - Total = parameters + KV cache + recurrent state; activations and allocator overhead are not counted.
 
@@ -20,8 +21,12 @@ activations, softmax and embedding lookups are not counted (they are O(d) per to
   prefill of L tokens: ``L · P_attn + 4 · heads · head_dim · L(L+1)/2`` (the causal triangle);
   ``P_attn = 2 · d · (heads + 2·kv_heads) · head_dim + 2 · heads · head_dim · d``.
 - MLP: ``6 · d · hidden`` per token; mixture of experts: ``top_k · 6 · d · hidden + 2 · d · experts``.
-- Mamba-1 / Mamba-2 layers: the mixers' own ``step_flops`` / ``prefill_flops`` formulas, restated here
-  (see ``_mamba_flops`` and ``_mamba2_flops``); independent of L per token.
+- Mamba-1 layer (e = d_inner, n = d_state, r = dt_rank, w = d_conv), per token in prefill and decode:
+  ``2·(d·2e + e·(r+2n) + r·e + e·d) + 2·e·w + 9·e·n`` (projections, conv, selective scan).
+- Mamba-2 layer (g = ngroups, h = heads, Q = chunk_size), per token: ``P = 2·d·(2e + 2gn + h) + 2·e·d
+  + 2·(e+2gn)·w + 2·e``; decode ``P + 5·e·n``; prefill of L tokens (chunked SSD over L_pad = Q·ceil(L/Q))
+  ``L·P + 2·L_pad·Q·(g·n + e) + 4·L_pad·e·n + 2·(L_pad/Q)·e·n``.
+- These restate the mixers' own ``prefill_flops`` / ``step_flops``; a test checks the equality.
 - LM head: ``2 · d · vocab`` per token.
 
 Prefill FLOPs per token at context L = (FLOPs of one L-token prefill) / L; decode FLOPs per token at
@@ -33,13 +38,15 @@ Gu & Dao 2023 (Mamba), Dao & Gu 2024 (Mamba-2), Lieber et al. 2024 (Jamba, Table
 
 from __future__ import annotations
 
+import difflib
+import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import typer
 
-from seqbench.archs import ArchPreset, arch_names, did_you_mean, find_arch
+from seqbench.archs import ArchPreset, resolve_presets
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # dtype of the SSM state as each of seqbench's mixers allocates it; None = the model dtype (as mamba_ssm does).
@@ -196,16 +203,19 @@ def _mlp_flops(p: ArchPreset, layer: int) -> int:
     return p.moe.top_k * dense + 2 * p.d_model * p.moe.experts  # active experts + router
 
 
+def _token_flops(p: ArchPreset) -> int:
+    """The context-free part of every token: MLPs (or active experts) and the LM head."""
+    return 2 * p.d_model * p.vocab_size + sum(_mlp_flops(p, i) for i in range(p.n_layers))
+
+
 def prefill_flops(p: ArchPreset, context: int) -> int:
     """FLOPs of one prefill of ``context`` tokens (batch 1), all logits included."""
-    per_token = 2 * p.d_model * p.vocab_size + sum(_mlp_flops(p, i) for i in range(p.n_layers))
-    return context * per_token + sum(_MIXER_FLOPS[k](p, context, True) for k in p.layer_kinds())
+    return context * _token_flops(p) + sum(_MIXER_FLOPS[k](p, context, True) for k in p.layer_kinds())
 
 
 def decode_flops(p: ArchPreset, context: int) -> int:
     """FLOPs of one decode step (batch 1) with ``context`` tokens already cached."""
-    per_token = 2 * p.d_model * p.vocab_size + sum(_mlp_flops(p, i) for i in range(p.n_layers))
-    return per_token + sum(_MIXER_FLOPS[k](p, context, False) for k in p.layer_kinds())
+    return _token_flops(p) + sum(_MIXER_FLOPS[k](p, context, False) for k in p.layer_kinds())
 
 
 @dataclass(frozen=True)
@@ -242,29 +252,12 @@ def parse_contexts(text: str) -> list[int]:
     return list(dict.fromkeys(out))
 
 
-def resolve_presets(names: list[str]) -> list[ArchPreset]:
-    """Presets by name (repeatable or comma-separated; ``all`` = every preset); ValueError lists the bad ones."""
-    wanted = [n.strip() for item in names for n in item.split(",") if n.strip()]
-    if any(n.lower() == "all" for n in wanted):
-        wanted = arch_names()
-    if not wanted:
-        raise ValueError(f"name at least one --preset; allowed: {', '.join(arch_names())}, all")
-    found, bad = [], []
-    for n in wanted:
-        p = find_arch(n)
-        (found if p else bad).append(p or n)
-    if bad:
-        hints = "; ".join(f"'{b}'{did_you_mean(b)}" for b in bad)
-        raise ValueError(f"unknown preset {hints}; allowed: {', '.join(arch_names())}, all")
-    return list(dict.fromkeys(found))
-
-
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
         if abs(n) < 1024 or unit == "PiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+            break
         n /= 1024
-    return f"{n} B"
+    return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
 
 
 def human_count(n: float, suffix: str = "") -> str:
@@ -293,8 +286,6 @@ def _fail(message: str) -> None:
 
 def _parse(preset: list[str], context: str, dtype: str = "bfloat16") -> tuple[list[ArchPreset], list[int]]:
     if dtype not in DTYPE_BYTES:
-        import difflib
-
         close = difflib.get_close_matches(dtype, list(DTYPE_BYTES), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         _fail(f"--dtype '{dtype}' is not known{hint}; allowed: {', '.join(DTYPE_BYTES)}")
@@ -302,6 +293,22 @@ def _parse(preset: list[str], context: str, dtype: str = "bfloat16") -> tuple[li
         return resolve_presets(preset), parse_contexts(context)
     except ValueError as e:
         _fail(str(e))
+
+
+def _print_table(title: str, columns: list[str], rows: list[tuple[ArchPreset, list[str]]]):
+    """A rich table with one section per preset; returns the console for notes under it."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("preset", no_wrap=True)
+    for col in columns:
+        table.add_column(col, justify="right", no_wrap=True)
+    for i, (p, cells) in enumerate(rows):
+        table.add_row(p.name, *cells, end_section=i + 1 < len(rows) and rows[i + 1][0] is not p)
+    console = Console()
+    console.print(table)
+    return console
 
 
 def plot_memory(presets: list[ArchPreset], contexts: list[int], batch: int, dtype: str, path: Path) -> None:
@@ -321,11 +328,9 @@ def plot_memory(presets: list[ArchPreset], contexts: list[int], batch: int, dtyp
         ax.plot(grid, [max(r.cache_bytes, 1) / gib for r in rows], color=colour, linestyle="--",
                 label=f"{p.title} KV + state")
         ax.plot(contexts, [memory(p, c, batch, dtype).total_bytes / gib for c in contexts], "o", color=colour)
+    ax.set(yscale="log", xlabel="context (tokens)", ylabel="GiB",
+           title=f"Inference memory, batch {batch}, {dtype} (analytic; activations excluded)")
     ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("context (tokens)")
-    ax.set_ylabel("GiB")
-    ax.set_title(f"Inference memory, batch {batch}, {dtype} (analytic; activations excluded)")
     ax.grid(True, which="both", alpha=0.3)
     fig.legend(loc="outside right upper", fontsize="small")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -342,35 +347,32 @@ def memory_cmd(
 ) -> None:
     """KV cache, recurrent state, parameters and total memory of published architectures (analytic)."""
     presets, contexts = _parse(preset, context, dtype)
+    if plot is not None:
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        if plot.suffix.lstrip(".").lower() not in FigureCanvasBase.get_supported_filetypes():
+            _fail(f"--plot {plot}: use an image suffix such as .png, .svg or .pdf")
     rows = [(p, memory(p, c, batch, dtype)) for p in presets for c in contexts]
     if json_out:
-        import json
-
         typer.echo(json.dumps([{**m.as_dict(), "title": p.title, "ssm_state_dtype": {
             k: ssm_state_dtype(k, dtype) for k in ("mamba", "mamba2") if p.count(k)}} for p, m in rows], indent=2))
     else:
-        from rich.console import Console
-        from rich.table import Table
-
-        own = [f"{k} SSM state in {v}" for k, v in SSM_STATE_DTYPE.items() if v and v != dtype]
-        table = Table(title=f"Memory, batch {batch}, {dtype} (analytic; activations excluded); state = SSM + conv "
-                      f"state{'; ' + ', '.join(own) if own else ''}", title_justify="left")
-        table.add_column("preset", no_wrap=True)
-        for col in ("context", "KV cache", "state", "weights", "total"):
-            table.add_column(col, justify="right", no_wrap=True)
-        for i, (p, m) in enumerate(rows):
-            table.add_row(p.name, human_tokens(m.context), human_bytes(m.kv_cache_bytes), human_bytes(m.state_bytes),
-                          human_bytes(m.param_bytes), human_bytes(m.total_bytes),
-                          end_section=i + 1 < len(rows) and rows[i + 1][0] is not p)
-        console = Console()
-        console.print(table)
+        own = "".join(f"; {k} SSM state in {v}" for k, v in SSM_STATE_DTYPE.items() if v and v != dtype)
+        console = _print_table(
+            f"Memory, batch {batch}, {dtype} (analytic; activations excluded); state = SSM + conv state{own}",
+            ["context", "KV cache", "state", "weights", "total"],
+            [(p, [human_tokens(m.context), human_bytes(m.kv_cache_bytes), human_bytes(m.state_bytes),
+                  human_bytes(m.param_bytes), human_bytes(m.total_bytes)]) for p, m in rows])
         for p in presets:
             if p.moe is not None:
                 console.print(f"{p.name}: weights count all {p.moe.experts} experts of each mixture.", highlight=False)
             if p.notes:
                 console.print(f"{p.name}: {p.notes}.", highlight=False)
     if plot is not None:
-        plot_memory(presets, contexts, batch, dtype, plot)
+        try:
+            plot_memory(presets, contexts, batch, dtype, plot)
+        except OSError as e:  # e.g. an unwritable folder
+            _fail(f"--plot {plot}: {e}")
         typer.echo(f"wrote {plot}", err=True)
 
 
@@ -383,20 +385,9 @@ def flops_cmd(
     presets, contexts = _parse(preset, context)
     rows = [(p, flops(p, c)) for p in presets for c in contexts]
     if json_out:
-        import json
-
         typer.echo(json.dumps([{**asdict(f), "title": p.title} for p, f in rows], indent=2))
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="FLOPs per token, batch 1 (an estimate: 2 per multiply-add; matmuls + attention/scan "
-                  "terms; MoE counts active experts)", title_justify="left")
-    table.add_column("preset", no_wrap=True)
-    for col in ("context", "active params", "prefill /token", "decode /token"):
-        table.add_column(col, justify="right", no_wrap=True)
-    for i, (p, f) in enumerate(rows):
-        table.add_row(p.name, human_tokens(f.context), human_count(f.active_params),
-                      human_count(f.prefill_flops_per_token, "FLOP"), human_count(f.decode_flops_per_token, "FLOP"),
-                      end_section=i + 1 < len(rows) and rows[i + 1][0] is not p)
-    Console().print(table)
+    _print_table("FLOPs per token, batch 1 (an estimate: 2 per multiply-add; matmuls + attention/scan terms; "
+                 "MoE counts active experts)", ["context", "active params", "prefill /token", "decode /token"],
+                 [(p, [human_tokens(f.context), human_count(f.active_params), human_count(f.prefill_flops_per_token,
+                       "FLOP"), human_count(f.decode_flops_per_token, "FLOP")]) for p, f in rows])

@@ -128,16 +128,17 @@ def test_jamba_paper_table_1_kv_cache_at_256k_in_16_bit():
 
 
 def test_ssm_state_does_not_grow_with_context_and_matches_hand_arithmetic():
+    assert memcalc.ssm_state_dtype("mamba", "bfloat16") == memcalc.ssm_state_dtype("mamba2", "bfloat16") == "bfloat16"
     m = get_arch("mamba-2.8b")
-    # 64 layers · batch 1 · d_inner 5120 · (conv 4 · 2 bytes + state 16 · 4 bytes).
-    expected = 64 * 5120 * (4 * 2 + 16 * memcalc.DTYPE_BYTES[memcalc.SSM_STATE_DTYPE])
+    # 64 layers · batch 1 · d_inner 5120 · (conv width 4 + d_state 16) · 2 bytes = 13,107,200 bytes = 12.5 MiB.
     for ctx in (1, 4096, 1024**2):
         mem = memcalc.memory(m, ctx, 1, "bfloat16")
-        assert mem.kv_cache_bytes == 0 and mem.state_bytes == expected
-    m2 = get_arch("mamba2-2.7b")
-    # 64 layers · (conv (5120 + 2·128) · 4 · 2 bytes + state 80 heads · 64 · 128 · ssm bytes).
-    expected2 = 64 * ((5120 + 256) * 4 * 2 + 80 * 64 * 128 * memcalc.DTYPE_BYTES[memcalc.SSM_STATE_DTYPE])
-    assert memcalc.memory(m2, 4096, 1, "bfloat16").state_bytes == expected2
+        assert mem.kv_cache_bytes == 0 and mem.state_bytes == 64 * 5120 * (4 + 16) * 2 == 13_107_200
+    # Mamba-2-2.7B: 64 layers · (conv (5120 + 2·128) · 4 + state 80 heads · 64 · 128) · 2 bytes = 82.6 MiB.
+    m2 = memcalc.memory(get_arch("mamba2-2.7b"), 4096, 1, "bfloat16")
+    assert m2.state_bytes == 64 * ((5120 + 256) * 4 + 80 * 64 * 128) * 2 == 86_638_592
+    # Jamba: 28 Mamba layers · 8192 · (4 + 16) · 2 bytes next to 4 attention layers of KV.
+    assert memcalc.memory(get_arch("jamba-v0.1"), 1, 1, "bfloat16").state_bytes == 28 * 8192 * 20 * 2
 
 
 def test_flops_grow_with_context_for_attention_only():
@@ -206,6 +207,7 @@ def test_flops_json(cli):
     (("flops", "-p", "jamba", "-p", "mamba-2.8b"), "did you mean 'jamba-v0.1'?"),
     (("memory", "-p", "mamba-2.8b", "-c", "4kk"), "bad context '4kk'"),
     (("memory", "-p", "mamba-2.8b", "--dtype", "bf16"), "did you mean 'bfloat16'?"),
+    (("memory", "-p", "mamba-2.8b", "--plot", "mem.xyz"), "use an image suffix such as .png"),
 ])
 def test_bad_arguments_exit_2_with_one_message(cli, args, message):
     result = cli(*args)
