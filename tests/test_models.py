@@ -92,8 +92,9 @@ def test_bfloat16_runs_and_tracks_float32(name):
     toks = tokens(1, 16)
     with torch.no_grad():
         ref = make(name)(toks).float()
-        low = make(name, torch.bfloat16)(toks).float()
-        cache_model = make(name, torch.bfloat16)
+        low_model = make(name).to(torch.bfloat16)  # the same weights, rounded: a fair comparison with float32
+        low = low_model(toks).float()
+        cache_model = make(name, torch.bfloat16)  # built directly in bf16 (what a bf16 run does)
         cache = cache_model.allocate_cache(1, 17)
         cache_model.prefill(toks, cache)
         step = cache_model.step(toks[:, :1], cache)
