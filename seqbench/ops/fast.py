@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from functools import lru_cache
+from functools import cache
 
 import torch
 from torch import Tensor
@@ -29,7 +29,7 @@ _KERNEL_MODULES: dict[str, tuple[str, str]] = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def _import_error(module: str) -> str | None:
     try:
         importlib.import_module(module)

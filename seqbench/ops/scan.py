@@ -140,13 +140,15 @@ class _Problem:
         if A.is_complex():
             raise ValueError("selective_scan: complex A is not supported by the reference (use a real A)")
         if u.dim() != 3 or A.dim() != 2 or A.shape[0] != u.shape[1]:
-            raise ValueError(f"selective_scan: need u (b, d, l) and A (d, n), got {tuple(u.shape)} and {tuple(A.shape)}")
+            got = f"{tuple(u.shape)} and {tuple(A.shape)}"
+            raise ValueError(f"selective_scan: need u (b, d, l) and A (d, n), got {got}")
         self.b, self.d, self.l = u.shape
         self.n = A.shape[1]
         self.B, self.C = (t.unsqueeze(1) if t.dim() == 3 else t for t in (B, C))  # (b, g, n, l)
         self.g = self.B.shape[1]
         if self.B.shape != (self.b, self.g, self.n, self.l) or self.C.shape != self.B.shape:
-            raise ValueError(f"selective_scan: B and C must be (b, n, l) or (b, g, n, l); got {tuple(B.shape)}, {tuple(C.shape)}")
+            got = f"{tuple(B.shape)}, {tuple(C.shape)}"
+            raise ValueError(f"selective_scan: B and C must be (b, n, l) or (b, g, n, l) with u (b, d, l); got {got}")
         if self.d % self.g:
             raise ValueError(f"selective_scan: {self.g} groups do not divide d = {self.d}")
         self.dg = self.d // self.g
