@@ -240,6 +240,8 @@ def arch_from_spec(spec: Any) -> ArchPreset:
     period = kinds[: len(spec.layout)] if spec.kind == "hybrid" else kinds[:1]
     if "s4d" in period:
         raise ValueError(f"model '{spec.name}': S4D layers are not covered by the architecture calculator")
+    if spec.d_state is None and {"mamba", "mamba2"} <= set(period):
+        raise ValueError(f"model '{spec.name}': set d_state; Mamba-1 and Mamba-2 layers default to different sizes")
     heads = spec.n_heads or max(1, spec.d_model // 64)
     default_state = 128 if "mamba2" in period else 16
     mlp_hidden = round(spec.mlp_expand * spec.d_model) if spec.mlp_expand else 0

@@ -76,6 +76,17 @@ def test_cache_bytes_equal_real_allocation_at_reduced_size(name, dtype):
     assert model.param_bytes() == memcalc.param_count(arch_from_spec(spec)) * memcalc.DTYPE_BYTES[dtype]
 
 
+@pytest.mark.parametrize("kind", ["attention", "mamba", "mamba2", "hybrid"])
+def test_any_seqbench_spec_with_defaults_matches_its_allocation(kind):
+    """arch_from_spec resolves defaults (heads, d_state) as build_model does, for the kind size presets too."""
+    raw = {"name": "t", "models": [{"name": "m", "kind": kind, "preset": "tiny", "n_kv_heads": 2 if kind == "attention"
+                                    else None, "mlp_expand": 2.0}], "sweep": {"seq_lens": [8]}}
+    spec = experiment_from_dict(raw).models[0]
+    model = build_model(spec)
+    assert _allocated(model, 2, 24, torch.float32, "cpu") == _analytic(arch_from_spec(spec), 2, 24, "float32")
+    assert model.num_params() == memcalc.param_count(arch_from_spec(spec))
+
+
 @pytest.mark.parametrize("name", ["llama-3-8b", "mamba-370m", "mamba2-2.7b", "jamba-v0.1"])
 def test_params_and_flops_equal_the_models_own_accounting(name):
     """For the layout seqbench builds (dense MLP, untied head), the calculator's parameter count and FLOPs
