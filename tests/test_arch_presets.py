@@ -144,3 +144,12 @@ def test_bad_scaled_presets_name_the_key(case):
     with pytest.raises(ConfigError) as info:
         experiment_from_dict(_raw({"name": "x", **model}), source="exp.yaml")
     assert f"exp.yaml: {message}" in str(info.value)
+
+
+def test_explicit_sizes_in_scale_override_the_width_factor():
+    # width 0.1 alone fails (headdim 64 × 0.1 = 6.4); an explicit headdim in the same scale takes its place.
+    spec = experiment_from_dict(_raw({"name": "m2", "preset": "mamba2-2.7b", "vocab_size": 64,
+                                      "scale": {"layers": 1 / 32, "width": 0.1, "headdim": 16}})).models[0]
+    assert (spec.n_layers, spec.d_model, spec.headdim, spec.d_state) == (2, 256, 16, 128)
+    with pytest.raises(ConfigError, match=r"scale.width: Mamba-2 headdim 64 × 0.1 = 6.4"):
+        experiment_from_dict(_raw({"name": "m2", "preset": "mamba2-2.7b", "scale": {"width": 0.1}}))

@@ -16,7 +16,7 @@ Two kinds of ``preset:``, both filling only the fields a model does not set itse
      of 8), so the layout (Jamba's attention at position 4 of every 8 layers) is kept.
    - ``width: f`` — d_model × f, keeping every count: attention heads and KV heads (head_dim shrinks),
      Mamba-2 heads and groups (headdim shrinks), d_state, d_conv, expand and the MLP ratio. Each scaled
-     size must come out a whole number.
+     size must come out a whole number, unless the same ``scale`` sets it explicitly (e.g. ``headdim``).
    - explicit values for ``n_layers, d_model, n_heads, n_kv_heads, vocab_size, mlp_expand, d_state,
      d_conv, expand, headdim, ngroups, chunk_size`` replace the preset's (after the factors).
 
@@ -119,10 +119,11 @@ def scale_fields(fields: dict[str, Any], scale: Any, layout_len: int) -> dict[st
     width = _factor(scale, "width")
     if width is not None:
         out["d_model"] = _whole(fields["d_model"] * width, f"d_model {fields['d_model']} × {width:g}", "width")
-        if "n_heads" in fields:
+        # head sizes shrink with the width unless the scale sets the count or size itself
+        if "n_heads" in fields and "n_heads" not in scale and "d_model" not in scale:
             head_dim = fields["d_model"] // fields["n_heads"]
             _whole(head_dim * width, f"attention head_dim {head_dim} × {width:g}", "width")
-        if "headdim" in fields:
+        if "headdim" in fields and "headdim" not in scale:
             what = f"Mamba-2 headdim {fields['headdim']} × {width:g}"
             out["headdim"] = _whole(fields["headdim"] * width, what, "width")
     for key in SCALE_FIELDS:
