@@ -24,11 +24,11 @@ from seqbench.workloads import WORKLOADS
 
 STATUSES = ("ok", "oom", "oom_killed", "timeout", "error", "skipped_after_oom", "skipped_after_timeout")
 
-MEASUREMENT_COLUMNS = (
-    "n_samples", "first_call_s", "time_median_s", "time_p25_s", "time_p75_s", "time_min_s", "time_p90_s",
-    "iqr_ratio", "noisy", "tokens_per_s", "latency_per_token_s", "latency_p90_s", "cache_bytes", "peak_mem_bytes",
-    "param_count", "param_count_non_embedding", "param_bytes", "flops_per_token", "achieved_flops_per_s",
-    "achieved_bytes_per_s", "frac_peak_flops", "frac_peak_bytes",
+MEASUREMENT_COLUMNS = (  # DESIGN §6 order, then seqbench's extras
+    "n_samples", "first_call_s", "time_median_s", "time_p25_s", "time_p75_s", "time_min_s", "iqr_ratio", "noisy",
+    "tokens_per_s", "latency_per_token_s", "cache_bytes", "peak_mem_bytes", "param_count", "param_bytes",
+    "flops_per_token", "achieved_flops_per_s", "achieved_bytes_per_s",
+    "time_p90_s", "latency_p90_s", "param_count_non_embedding", "frac_peak_flops", "frac_peak_bytes",
 )
 COLUMNS = (
     "run_id", "model", "kind", "layout", "impl_used", "device", "dtype", "threads", "workload", "batch", "seq_len",
