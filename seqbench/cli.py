@@ -11,6 +11,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -23,7 +24,7 @@ err = Console(stderr=True)
 
 
 def fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -34,7 +35,7 @@ def _load(config: Path) -> Experiment:
         fail(str(e))
 
 
-def _preflight(exp: Experiment):
+def _preflight(exp: Experiment, config: Path):
     """Resolve the device and check that every demanded fast kernel can run, before anything is measured."""
     from seqbench.env import resolve_device
     from seqbench.models import preflight_kernels
@@ -43,7 +44,7 @@ def _preflight(exp: Experiment):
         device = resolve_device(exp.device)
         preflight_kernels(exp, device)
     except RuntimeError as e:
-        fail(str(e))
+        fail(f"{config}: {e}")
     return device
 
 
@@ -57,7 +58,7 @@ def run(
 ) -> None:
     """Run an experiment: build the models, sweep the grid, write the run folder."""
     exp = _load(config)
-    device = _preflight(exp)
+    device = _preflight(exp, config)
     from seqbench import sweep
 
     if dry_run:
@@ -86,8 +87,8 @@ def run(
     def on_done(key, row, done, n):
         progress.update(task, completed=done)
         if row["status"] != "ok":
-            progress.console.print(f"  {key[0]} {key[1]} b={key[2]} L={key[3]}: {row['status']} {row['error'] or ''}",
-                                   highlight=False)
+            where = f"{key[0]} {key[1]} b={key[2]} L={key[3]}"
+            progress.console.print(f"  {where}: {row['status']} {escape(row['error'] or '')}", highlight=False)
 
     interrupted = False
     with progress:
@@ -134,7 +135,7 @@ def _print_plan(exp: Experiment, device: str) -> None:
 def validate(config: Path = typer.Argument(..., help="experiment YAML")) -> None:
     """Check a config file; exit 2 with a message naming the key if it is wrong."""
     exp = _load(config)
-    _preflight(exp)
+    _preflight(exp, config)
     from seqbench.sweep import plan_grid
 
     out.print(f"ok: {config}: {len(exp.models)} models, {len(plan_grid(exp))} grid points", highlight=False)

@@ -12,7 +12,7 @@ A hybrid is not a mixer: it is a layout of existing mixers, one per layer (Jamba
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -62,13 +62,16 @@ MIXERS: dict[str, Callable[[ModelSpec, torch.device | str, torch.dtype], nn.Modu
 }
 
 
-def build_model(spec: ModelSpec, device: torch.device | str = "cpu", dtype: torch.dtype | str = torch.float32) -> SeqModel:
+def build_model(
+    spec: ModelSpec, device: torch.device | str = "cpu", dtype: torch.dtype | str = torch.float32
+) -> SeqModel:
     """Build the model a spec describes; parameters are created directly on ``device`` in ``dtype``."""
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    mixers = [MIXERS[kind](spec, device, dtype) for kind in spec.layer_kinds()]
-    mlp_hidden = round(spec.mlp_expand * spec.d_model) if spec.mlp_expand else None
-    model = SeqModel(spec.vocab_size, spec.d_model, mixers, mlp_hidden)
-    return model.to(device=device, dtype=dtype)
+    with torch.device(device):  # every module, mixer or not, is created on the device (meta: no memory at all)
+        mixers = [MIXERS[kind](spec, device, dtype) for kind in spec.layer_kinds()]
+        mlp_hidden = round(spec.mlp_expand * spec.d_model) if spec.mlp_expand else None
+        model = SeqModel(spec.vocab_size, spec.d_model, mixers, mlp_hidden)
+    return model.to(dtype=dtype)
 
 
 # The kernels each mixer kind runs, for checking `impl: fast` before a sweep starts.
