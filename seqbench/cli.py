@@ -175,6 +175,16 @@ def models() -> None:
                                                 for k, v in fields.items()), f"{describe_model(spec, 1)['params']:,}")
     out.print(table)
 
+    from seqbench.archs import load_presets
+
+    table = Table(title="published shapes (use: {preset: jamba-v0.1, scale: {layers: 0.25, width: 0.0625}})",
+                  title_justify="left")
+    for col in ("preset", "model", "layout", "layers", "d_model", "source"):
+        table.add_column(col)
+    for name, arch in load_presets().items():
+        table.add_row(name, arch.title, arch.layout, str(arch.n_layers), str(arch.d_model), arch.source)
+    out.print(table)
+
 
 @app.command()
 def calibrate(
