@@ -123,11 +123,13 @@ def _oracle(x, case):
     )
 
 
-@pytest.fixture
-def small_chunks(monkeypatch):
-    """Force 32-step chunks so short sequences cross several chunk boundaries and uneven tails."""
+@pytest.fixture(params=[4, 16])
+def small_chunks(monkeypatch, request):
+    """Force 32-step chunks so short sequences cross several chunk boundaries and uneven tails; with 4-step
+    blocks the in-chunk scan also recurses twice."""
     monkeypatch.setattr(scan, "_MAX_CHUNK", 32)
     monkeypatch.setattr(scan, "_MIN_CHUNK", 32)
+    monkeypatch.setattr(scan, "_BLOCK", request.param)
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -141,9 +143,12 @@ def test_chunked_scan_equals_loop(batch, case, l, small_chunks):
     torch.testing.assert_close(h, h_ref.float(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("block", [4, 16])
 @pytest.mark.parametrize("l", [300, 1000])
-def test_default_chunking_equals_loop(l):
-    """Default chunk length (256 at this size): deeper in-chunk recursion and a ragged last chunk."""
+def test_default_chunking_equals_loop(l, block, monkeypatch):
+    """Default chunk length (256 at this size), a ragged last chunk, and with 4-step blocks three levels of
+    in-chunk recursion."""
+    monkeypatch.setattr(scan, "_BLOCK", block)
     x = _inputs(2, 6, 3, l, groups=3, seed=7)
     y, h = _call(x, CASES["full"])
     y_ref, h_ref = _oracle(x, CASES["full"])

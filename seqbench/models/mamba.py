@@ -99,31 +99,32 @@ class Mamba(nn.Module):
     def _A(self) -> Tensor:
         return -torch.exp(self.A_log.float())  # (d_inner, n)
 
-    def _ssm_inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x (..., d_inner) -> dt (..., d_inner) without bias, B (..., n), C (..., n)."""
-        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        return F.linear(dt, self.dt_proj.weight), B, C
-
     def forward(self, x: Tensor, cache: dict[str, Tensor] | None = None, start: int = 0) -> Tensor:
         b, l, _ = x.shape
         if start > 0 and cache is None:
             raise ValueError("a prefill that starts after position 0 needs the cache of the earlier positions")
-        xz = self.in_proj(x).transpose(1, 2)  # (b, 2 d_inner, l)
-        xc, z = xz.chunk(2, dim=1)  # (b, d_inner, l) each
-        weight = self.conv1d.weight.squeeze(1)  # (d_inner, w)
+        e, w_in, b_in = self.d_inner, self.in_proj.weight, self.in_proj.bias
+        # Each projection is laid out the way its consumer reads it, so no activation is ever transposed:
+        # the conv reads channels-major x, the scan and the gate read time-major dt and z.
+        xc = torch.matmul(w_in[:e], x.transpose(1, 2))  # (b, d_inner, l)
+        z = F.linear(x, w_in[e:], None if b_in is None else b_in[e:])  # (b, l, d_inner)
+        if b_in is not None:
+            xc = xc + b_in[:e, None]
         conv_state = ssm_state = None
         if cache is not None:
             conv_state, ssm_state = cache["conv_state"][:b], cache["ssm_state"][:b]
         xs = self._conv(
-            xc, weight, self.conv1d.bias, activation="silu", initial_state=conv_state if start > 0 else None
+            xc, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",
+            initial_state=conv_state if start > 0 else None,
         )  # (b, d_inner, l)
         if conv_state is not None:
             if start == 0:
                 conv_state.zero_()  # positions before 0 are zeros, as in the convolution's padding
             fill_conv_state(conv_state, xc)
-        dt, B, C = self._ssm_inputs(xs.transpose(1, 2))  # (b, l, d_inner), (b, l, n), (b, l, n)
+        dt, B, C = torch.matmul(self.x_proj.weight, xs).split([self.dt_rank, self.d_state, self.d_state], dim=1)
+        dt = torch.matmul(dt.transpose(1, 2), self.dt_proj.weight.t())  # (b, l, d_inner), bias added in the scan
         out = self._scan(
-            xs, dt.transpose(1, 2), self._A(), B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z,
+            xs, dt.transpose(1, 2), self._A(), B, C, self.D.float(), z.transpose(1, 2),  # B, C: (b, n, l)
             delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
             initial_state=ssm_state if start > 0 else None, return_final_state=ssm_state is not None,
         )
@@ -141,7 +142,8 @@ class Mamba(nn.Module):
         xs = self._conv_update(
             xc, cache["conv_state"][:b], self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu"
         )
-        dt, B, C = self._ssm_inputs(xs)  # (b, d_inner), (b, n), (b, n)
+        dt, B, C = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)  # (b, r), (b, n) x2
+        dt = F.linear(dt, self.dt_proj.weight)  # (b, d_inner), bias added in the state update
         y = self._state_update(
             cache["ssm_state"][:b], xs, dt, self._A(), B, C, self.D.float(), z,
             dt_bias=self.dt_proj.bias.float(), dt_softplus=True,
