@@ -20,7 +20,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,9 @@ from seqbench.ops.scan import selective_scan
 TARGETS = {"scan forward": 5.0, "scan forward+backward": 10.0, "Mamba layer prefill": 3.0}
 
 
-def loop_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor, delta_bias: Tensor) -> Tensor:
+def loop_scan(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor, delta_bias: Tensor
+) -> Tensor:
     """The baseline: discretise the whole sequence at once, then one state update per time step.
 
     Slices come from ``unbind`` so autograd stacks their gradients once, instead of materialising a full-size
@@ -42,7 +44,7 @@ def loop_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tens
     dBu = (delta * u).transpose(1, 2).unsqueeze(-1) * B.permute(0, 2, 1).unsqueeze(2)  # (b, l, d, n)
     h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])  # (b, d, n)
     ys = []
-    for a_t, x_t, c_t in zip(dA.unbind(1), dBu.unbind(1), C.unbind(2)):
+    for a_t, x_t, c_t in zip(dA.unbind(1), dBu.unbind(1), C.unbind(2), strict=True):
         h = torch.addcmul(x_t, a_t, h)
         ys.append(torch.bmm(h, c_t.unsqueeze(-1)).squeeze(-1))  # (b, d)
     y = torch.stack(ys, dim=-1) + D[:, None] * u  # (b, d, l)
@@ -101,7 +103,7 @@ def bench_scan(d: int, n: int, l: int, repeats: int) -> list[tuple]:
     t_ours = timeit(fwd_bwd(_ours), repeats)
     grads = [t.grad.clone() for t in args]
     t_loop = timeit(fwd_bwd(loop_scan), repeats)
-    gdiff = max(((a - t.grad).abs().max() / t.grad.abs().max()).item() for a, t in zip(grads, args))
+    gdiff = max(((a - t.grad).abs().max() / t.grad.abs().max()).item() for a, t in zip(grads, args, strict=True))
     rows.append(("scan forward+backward", t_ours, t_loop, f"max rel grad diff {gdiff:.1e}"))
     return rows
 

@@ -146,7 +146,7 @@ def _scan_(
     edge = m - 1 if reverse else 0
     if h0 is not None:
         first[:, edge].addcmul_(a4[:, edge, order[0]], h0)
-    for prev, t in zip(order, order[1:]):
+    for prev, t in zip(order[:-1], order[1:], strict=True):
         x4[:, :, t].addcmul_(a4[:, :, t], x4[:, :, prev])
 
 
@@ -333,7 +333,7 @@ class _ScanFn(torch.autograd.Function):
             du[:, s:e] = (ddtu * dtc).view(p.b, c, p.d)
         dA_out = dA.transpose(1, 2).reshape(p.d, p.n)
         dh0 = p.to_outer(a[:, 0] * carry) if ctx.has_h0 else None  # a and carry of chunk 0: dL/dh_{-1}
-        du, ddt = (_channel_major(t, tm) for t, tm in zip((du, ddt), ctx.time_major))
+        du, ddt = (_channel_major(t, tm) for t, tm in zip((du, ddt), ctx.time_major, strict=True))
         return du, ddt, dA_out, dB, dC, dh0
 
 
