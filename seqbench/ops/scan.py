@@ -115,11 +115,13 @@ def _scan_(
     """
     length = x.shape[1]
     if length < 2 * _BLOCK:
+        xs, as_ = x.unbind(1), a.unbind(1)  # one call for all the step views
+        steps = range(length - 1, -1, -1) if reverse else range(length)
         prev = h0
-        for t in range(length - 1, -1, -1) if reverse else range(length):
+        for t in steps:
             if prev is not None:
-                x[:, t].addcmul_(a[:, t], prev)
-            prev = x[:, t]
+                xs[t].addcmul_(as_[t], prev)
+            prev = xs[t]
         return
     r = length % _BLOCK
     if r:  # the block-aligned part, then the few leftover steps one by one
@@ -134,20 +136,21 @@ def _scan_(
     dt_blocks = dt.reshape(dt.shape[0], m, _BLOCK, *dt.shape[2:]).sum(2)  # (b, m, g, 1, dg)
     torch.mul(dt_blocks, A2, out=decay).exp2_()
     order = list(range(_BLOCK - 1, -1, -1)) if reverse else list(range(_BLOCK))
-    torch.addcmul(x4[:, :, order[1]], a4[:, :, order[1]], x4[:, :, order[0]], out=total)
+    xs, as_ = x4.unbind(2), a4.unbind(2)  # (b, m, g, n, dg) each: step t of every block
+    torch.addcmul(xs[order[1]], as_[order[1]], xs[order[0]], out=total)
     for t in order[2:]:
-        torch.addcmul(x4[:, :, t], a4[:, :, t], total, out=total)
+        torch.addcmul(xs[t], as_[t], total, out=total)
     _scan_(decay, total, h0, dt_blocks, A2, scratch[:, :, m:], reverse)  # total_j <- state at block j's end
-    first = x4[:, :, order[0]]  # (b, m, ...): block j starts from the end state of its predecessor
+    first, a_first = xs[order[0]], as_[order[0]]  # block j starts from the end state of its predecessor
     if reverse:
-        first[:, :-1].addcmul_(a4[:, :-1, order[0]], total[:, 1:])
+        first[:, :-1].addcmul_(a_first[:, :-1], total[:, 1:])
     else:
-        first[:, 1:].addcmul_(a4[:, 1:, order[0]], total[:, :-1])
+        first[:, 1:].addcmul_(a_first[:, 1:], total[:, :-1])
     edge = m - 1 if reverse else 0
     if h0 is not None:
-        first[:, edge].addcmul_(a4[:, edge, order[0]], h0)
+        first[:, edge].addcmul_(a_first[:, edge], h0)
     for prev, t in zip(order[:-1], order[1:], strict=True):
-        x4[:, :, t].addcmul_(a4[:, :, t], x4[:, :, prev])
+        xs[t].addcmul_(as_[t], xs[prev])
 
 
 def _chunk_len(b: int, d: int, n: int) -> int:
@@ -171,16 +174,6 @@ def _time_major(t: Tensor) -> Tensor:
 
 def _is_time_major(t: Tensor) -> bool:
     return t.stride(1) == 1 and t.stride(2) == t.shape[1]
-
-
-def _channel_major(t: Tensor, time_major: bool) -> Tensor:
-    """Time-major (b, l, d) -> (b, d, l): a transposed view if ``time_major``, else contiguous (b, d, l)."""
-    if time_major:
-        return t.transpose(1, 2)
-    out = torch.empty(t.shape[0], t.shape[2], t.shape[1], device=t.device)
-    for i in range(t.shape[0]):
-        out[i].copy_(t[i].t())
-    return out
 
 
 class _Problem:
@@ -238,103 +231,155 @@ class _Problem:
         return tuple(torch.empty(shape, device=self.A.device) for _ in range(count))
 
 
-def _process_delta(delta: Tensor, delta_bias: Tensor | None, softplus: bool) -> Tensor:
-    delta = delta.float()
-    if delta_bias is not None:
-        delta = delta + delta_bias.float()[..., None]
-    return F.softplus(delta) if softplus else delta
+def _delta(delta: Tensor, delta_bias: Tensor | None, softplus: bool) -> tuple[Tensor, Tensor]:
+    """(Δ, delta + delta_bias) with Δ = softplus(delta + delta_bias) when asked; float32, in delta's layout."""
+    raw = delta if delta_bias is None else delta + delta_bias
+    return (F.softplus(raw) if softplus else raw), raw
+
+
+def _output(out: Tensor, s: int, e: int, chunk: Tensor, time_major: bool) -> None:
+    """Write a time-major chunk (b, c, d) into positions s:e of ``out``: (b, l, d) when time_major, else (b, d, l)."""
+    if time_major:
+        out[:, s:e] = chunk
+    else:
+        out[:, :, s:e] = chunk.transpose(1, 2)
+
+
+class _Chunk:
+    """Time-major float32 views of one chunk s:e of the per-channel inputs, and Δ formed from them."""
+
+    def __init__(self, p: _Problem, s: int, e: int, u: Tensor, delta: Tensor, z: Tensor | None,
+                 delta_bias: Tensor | None, softplus: bool):
+        self.s, self.e, self.c = s, e, e - s
+        self.u = u[:, s:e]  # (b, c, d)
+        self.z = None if z is None else z[:, s:e]
+        self.dt, self.raw = _delta(delta[:, s:e], delta_bias, softplus)  # (b, c, d)
+        self.dtu = self.dt * self.u
+        self.dtg = p.grouped(self.dt, 0, self.c)  # (b, c, g, 1, dg)
+        self.B, self.C = p.bc(p.B, s, e), p.bc(p.C, s, e)  # (b, c, g, n, 1)
+
+
+def _states(p: _Problem, ch: _Chunk, a: Tensor, h: Tensor, h0: Tensor | None, scratch: Tensor) -> Tensor:
+    """h_t for t in the chunk, into h (b, c, g, n, dg), from h0 (b, g, n, dg); a receives the decays."""
+    p.decays(ch.dtg, a)  # (b, c, g, n, dg)
+    torch.mul(ch.B, p.grouped(ch.dtu, 0, ch.c), out=h)  # Δ_t B_t u_t
+    _scan_(a, h, h0, ch.dtg, p.A2, scratch)
+    return h
+
+
+def _readout(p: _Problem, ch: _Chunk, h: Tensor, D: Tensor | None) -> Tensor:
+    """C_t h_t + D u_t before the gate: (b, c, d)."""
+    y = torch.matmul(ch.C.transpose(-1, -2), h).view(p.b, ch.c, p.d)
+    return y if D is None else y.addcmul_(ch.u, D)
 
 
 @torch.no_grad()
 def _forward(
-    p: _Problem, u: Tensor, dt: Tensor, h0: Tensor | None, states: list[Tensor] | None,
-    delta_bias: Tensor | None = None, softplus: bool = False,
+    p: _Problem, u: Tensor, delta: Tensor, z: Tensor | None, h0: Tensor | None, D: Tensor | None,
+    delta_bias: Tensor | None, softplus: bool, states: list[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Chunk loop of the forward pass on time-major u, dt (b, l, d): returns C_t h_t as (b, l, d) float32 and
-    the final state (b, d, n); appends each chunk's starting state to ``states`` when given. Δ is formed
-    chunk by chunk, softplus(dt + delta_bias) when asked, so no full-length temporary is made for it."""
+    """The chunk loop on time-major float32 u, delta, z (b, l, d): the output, time-major (b, l, d), and the
+    final state (b, d, n). Appends each chunk's starting state to ``states`` when given."""
     y = torch.empty(p.b, p.l, p.d, device=u.device)
     h = torch.zeros(p.b, p.g, p.n, p.dg, device=u.device) if h0 is None else p.to_inner(h0).contiguous()
     a, x = p.buffers(2)
     scratch = p.scratch()
-    dtu = torch.empty(p.b, min(p.chunk, p.l), p.d, device=u.device)  # (b, c, d)
     for s, e in p.chunks():
-        c = e - s
         if states is not None:
             states.append(h.clone())
-        ac, xc, dtuc = a[:, :c], x[:, :c], dtu[:, :c]
-        dt_c = dt[:, s:e] if delta_bias is None else dt[:, s:e] + delta_bias
-        dt_c = F.softplus(dt_c) if softplus else dt_c  # (b, c, d)
-        dtc = p.grouped(dt_c, 0, c)
-        p.decays(dtc, ac)  # (b, c, g, n, dg)
-        torch.mul(dt_c, u[:, s:e], out=dtuc)
-        torch.mul(p.bc(p.B, s, e), p.grouped(dtuc, 0, c), out=xc)  # Δ_t B_t u_t
-        _scan_(ac, xc, h, dtc, p.A2, scratch)
-        h.copy_(xc[:, -1])
-        y[:, s:e] = torch.matmul(p.bc(p.C, s, e).transpose(-1, -2), xc).view(p.b, c, p.d)  # C_t h_t
+        ch = _Chunk(p, s, e, u, delta, z, delta_bias, softplus)
+        hc = _states(p, ch, a[:, : ch.c], x[:, : ch.c], h, scratch)
+        h.copy_(hc[:, -1])
+        yc = _readout(p, ch, hc, D)
+        y[:, s:e] = yc if ch.z is None else yc.mul_(F.silu(ch.z))
     return y, p.to_outer(h)
 
 
 class _ScanFn(torch.autograd.Function):
-    """Core scan y_t = C_t h_t with a hand-written backward that recomputes each chunk from its saved
-    starting state, so training memory is O(l d + (l / chunk) d n) instead of O(l d n)."""
+    """The whole selective scan with a hand-written backward. The forward keeps only each chunk's starting
+    state; the backward recomputes a chunk's states from it, so training memory is O(l d + (l / c) d n)
+    rather than O(l d n). D, the gate and the softplus are folded in and everything runs chunk by chunk in
+    one (time-major) layout, so no full-length temporary is made beyond the inputs' transposes."""
 
     @staticmethod
-    def forward(ctx, u, dt, A, B, C, h0):  # float32; B, C (b, g, n, l); dt already biased / softplus'd
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, softplus):  # float32; B, C (b, g, n, l)
         p = _Problem(u, A, B, C)
-        u_t, dt_t = _time_major(u), _time_major(dt)
+        u_t, delta_t = _time_major(u), _time_major(delta)
+        z_t = None if z is None else _time_major(z)
         states: list[Tensor] = []
-        y, h_last = _forward(p, u_t, dt_t, h0, states)
-        ctx.save_for_backward(u_t, dt_t, A, B, C, torch.stack(states))
-        ctx.has_h0 = h0 is not None
-        ctx.time_major = (_is_time_major(u), _is_time_major(dt))  # hand gradients back in the same layouts
+        y, h_last = _forward(p, u_t, delta_t, z_t, h0, D, delta_bias, softplus, states)
+        ctx.save_for_backward(u_t, delta_t, A, B, C, D, z_t, delta_bias, torch.stack(states))
+        ctx.softplus, ctx.has_h0 = softplus, h0 is not None
+        ctx.time_major = tuple(t is not None and _is_time_major(t) for t in (u, delta, z))  # layouts of the grads
         return y.transpose(1, 2), h_last
 
     @staticmethod
     @torch.no_grad()
     def backward(ctx, dy, dh_last):
-        u, dt, A, B, C, states = ctx.saved_tensors  # u, dt time-major (b, l, d)
+        u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors  # u, delta, z: (b, l, d)
         p = _Problem(u.transpose(1, 2), A, B, C)
         dy = _time_major(dy)
-        dtu = dt * u
-        du, ddt = torch.empty_like(u), torch.empty_like(dt)  # (b, l, d)
+        tm_u, tm_delta, tm_z = ctx.time_major
+        shape_of = lambda tm: (p.b, p.l, p.d) if tm else (p.b, p.d, p.l)  # noqa: E731
+        du, ddelta = torch.empty(shape_of(tm_u), device=u.device), torch.empty(shape_of(tm_delta), device=u.device)
+        dz = None if z is None else torch.empty(shape_of(tm_z), device=u.device)
         dB, dC = torch.empty_like(p.B), torch.empty_like(p.C)  # (b, g, n, l)
         dA = torch.zeros_like(p.A)  # (g, n, dg)
+        dD = None if D is None else torch.zeros_like(D)
+        dbias = None if delta_bias is None else torch.zeros_like(delta_bias)
         carry = None if dh_last is None else p.to_inner(dh_last)  # dL/dh at the end of the current chunk
         a, hbuf = p.buffers(2, extra=1)
         work, gbuf = p.buffers(2)
         scratch = p.scratch()
         for i, (s, e) in reversed(list(enumerate(p.chunks()))):
-            c = e - s
-            dtc, uc, dyc, dtuc = (p.grouped(t, s, e) for t in (dt, u, dy, dtu))  # (b, c, g, 1, dg)
-            Bc, Cc = p.bc(p.B, s, e), p.bc(p.C, s, e)  # (b, c, g, n, 1)
-            # Recompute a_t for t = s .. e (a_e belongs to the next chunk; Δ := 0 past the sequence's end) and h.
-            dt_ext = torch.zeros(p.b, c + 1, p.g, 1, p.dg, device=dt.device)  # (b, c + 1, g, 1, dg)
-            dt_ext[:, : min(c + 1, p.l - s)] = p.grouped(dt, s, min(e + 1, p.l))
-            ac = p.decays(dt_ext, a[:, : c + 1])
-            hc, wc, gc = hbuf[:, : c + 1], work[:, :c], gbuf[:, :c]
-            hc[:, 0].copy_(states[i])
-            torch.mul(Bc, dtuc, out=hc[:, 1:])
-            _scan_(ac[:, :c], hc[:, 1:], hc[:, 0], dtc, p.A2, scratch)
-            h_prev, h = hc[:, :c], hc[:, 1:]
+            ch = _Chunk(p, s, e, u, delta, z, delta_bias, ctx.softplus)
+            c = ch.c
+            # Recompute h_{t-1}, h_t (hbuf[:, 0] is the chunk's starting state) and a_t for t = s .. e, where
+            # a_e belongs to the next chunk (Δ := 0, a = 1, past the sequence's end).
+            hbuf[:, 0].copy_(states[i])
+            _states(p, ch, a[:, :c], hbuf[:, 1 : c + 1], hbuf[:, 0], scratch)
+            h_prev, h = hbuf[:, :c], hbuf[:, 1 : c + 1]
+            if e < p.l:
+                dt_next = p.grouped(_delta(delta[:, e : e + 1], delta_bias, ctx.softplus)[0], 0, 1)
+            else:
+                dt_next = torch.zeros_like(ch.dtg[:, :1])
+            dt_ext = torch.cat([ch.dtg, dt_next], dim=1)  # (b, c + 1, g, 1, dg)
+            p.decays(dt_next, a[:, c : c + 1])
+            # Through the gate y = pre * silu(z) and the skip pre = C h + D u.
+            dyc = dy[:, s:e]  # (b, c, d)
+            if ch.z is not None:
+                pre = _readout(p, ch, h, D)
+                _output(dz, s, e, torch.ops.aten.silu_backward(dyc * pre, ch.z), tm_z)  # dy * pre * silu'(z)
+                dyc = dyc * F.silu(ch.z)
+            if D is not None:
+                dD.add_((dyc * ch.u).sum((0, 1)))
+            dyg = p.grouped(dyc, 0, c)  # (b, c, g, 1, dg)
             # g_t = dL/dh_t = C_t dy_t + a_{t+1} g_{t+1}: a reverse scan with coefficients shifted by one,
             # entered from g of the next chunk's first step.
-            torch.mul(Cc, dyc, out=gc)
-            _scan_(ac[:, 1:], gc, carry, dt_ext[:, 1:], p.A2, scratch, reverse=True)
+            gc, wc = gbuf[:, :c], work[:, :c]
+            torch.mul(ch.C, dyg, out=gc)
+            _scan_(a[:, 1 : c + 1], gc, carry, dt_ext[:, 1:], p.A2, scratch, reverse=True)
             carry = gc[:, 0].clone()
             # (einsum picks a gemm layout here; matmul would run c slow (n x dg) @ (dg x 1) products)
-            dC[..., s:e] = torch.einsum("bcgnd,bcgd->bgnc", h, dyc.squeeze(3))
-            dB[..., s:e] = torch.einsum("bcgnd,bcgd->bgnc", gc, dtuc.squeeze(3))
-            ddtu = torch.matmul(Bc.transpose(-1, -2), gc)  # dL/d(Δu): (b, c, g, 1, dg)
+            dC[..., s:e] = torch.einsum("bcgnd,bcgd->bgnc", h, dyg.squeeze(3))
+            dB[..., s:e] = torch.einsum("bcgnd,bcgd->bgnc", gc, p.grouped(ch.dtu, 0, c).squeeze(3))
+            ddtu = torch.matmul(ch.B.transpose(-1, -2), gc).view(p.b, c, p.d)  # dL/d(Δu): (b, c, d)
             # dL/d(Δ A)_t = g_t a_t h_{t-1}; then chain to Δ (sum over n) and to A (sum over b, t).
-            dlog = torch.mul(ac[:, :c], h_prev, out=wc).mul_(gc)  # (b, c, g, n, dg)
-            dA.add_(torch.mul(dlog, dtc, out=gc).sum((0, 1)))
-            ddt[:, s:e] = (torch.mul(dlog, p.A, out=gc).sum(3, keepdim=True) + ddtu * uc).view(p.b, c, p.d)
-            du[:, s:e] = (ddtu * dtc).view(p.b, c, p.d)
+            dlog = torch.mul(a[:, :c], h_prev, out=wc).mul_(gc)  # (b, c, g, n, dg)
+            dA.add_(torch.mul(dlog, ch.dtg, out=gc).sum((0, 1)))
+            ddt = torch.mul(dlog, p.A, out=gc).sum(3).view(p.b, c, p.d).addcmul_(ddtu, ch.u)  # (b, c, d)
+            duc = ddtu.mul_(ch.dt)
+            _output(du, s, e, duc if D is None else duc.addcmul_(dyc, D), tm_u)
+            if ctx.softplus:  # d softplus(x) / dx = sigmoid(x)
+                ddt.mul_(torch.sigmoid(ch.raw))
+            if dbias is not None:
+                dbias.add_(ddt.sum((0, 1)))
+            _output(ddelta, s, e, ddt, tm_delta)
         dA_out = dA.transpose(1, 2).reshape(p.d, p.n)
         dh0 = p.to_outer(a[:, 0] * carry) if ctx.has_h0 else None  # a and carry of chunk 0: dL/dh_{-1}
-        du, ddt = (_channel_major(t, tm) for t, tm in zip((du, ddt), ctx.time_major, strict=True))
-        return du, ddt, dA_out, dB, dC, dh0
+        du, ddelta, dz = (t if t is None or not tm else t.transpose(1, 2)
+                          for t, tm in zip((du, ddelta, dz), ctx.time_major, strict=True))
+        return du, ddelta, dA_out, dB, dC, dD, dz, dbias, dh0, None
 
 
 def selective_scan(
@@ -358,24 +403,14 @@ def selective_scan(
     times silu(z_t) when z is given. Returns y (b, d, l) in u's dtype [and the final state (b, d, n), float32].
     """
     p = _Problem(u, A, B, C)
+    f32 = [None if t is None else t.float() for t in (D, z, delta_bias, initial_state)]
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        dt = _process_delta(delta, delta_bias, delta_softplus)
-        h0 = None if initial_state is None else initial_state.float()
-        y, h_last = _ScanFn.apply(u.float(), dt, A.float(), p.B.float(), p.C.float(), h0)
-        if D is not None:
-            y = y + u.float() * D.float()[:, None]
-        if z is not None:
-            y = y * F.silu(z.float())
-        y = y.to(u.dtype)
+        y, h_last = _ScanFn.apply(u.float(), delta.float(), A.float(), p.B.float(), p.C.float(), *f32, delta_softplus)
     else:
-        with torch.no_grad():
-            u_t = _time_major(u)  # (b, l, d)
-            bias = None if delta_bias is None else delta_bias.float()
-            y, h_last = _forward(p, u_t, _time_major(delta), initial_state, None, bias, delta_softplus)
-            if D is not None:
-                y.addcmul_(u_t, D.float())
-            if z is not None:
-                y.mul_(F.silu(_time_major(z)))
-        y = y.transpose(1, 2).to(u.dtype)
+        D32, z32, bias32, h0 = f32
+        z_t = None if z32 is None else _time_major(z32)
+        y, h_last = _forward(p, _time_major(u), _time_major(delta), z_t, h0, D32, bias32, delta_softplus)
+        y = y.transpose(1, 2)
+    y = y.to(u.dtype)
     return (y, h_last) if return_final_state else y
