@@ -23,16 +23,8 @@ def _expand_groups(t: Tensor, heads: int) -> Tensor:
 
 
 def selective_state_update(
-    state: Tensor,
-    x: Tensor,
-    dt: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    dt_bias: Tensor | None = None,
-    dt_softplus: bool = False,
+    state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+    z: Tensor | None = None, dt_bias: Tensor | None = None, dt_softplus: bool = False,
 ) -> Tensor:
     """One recurrent step; updates ``state`` in place and returns the output (dtype of x).
 
@@ -68,24 +60,20 @@ def selective_state_update(
 
 
 # ------------------------------------------------------------------------------------------------------
-# Chunked selective scan.
-#
-# Layout inside: time-major (b, c, g, n, dg) with dg = d / g the channels of one B/C group, so every time
-# slice is one contiguous block and the contractions over n and dg are small gemms.
-# The sequence is cut into chunks of c steps (c sized so a work buffer holds ~2^19 floats and stays in
-# cache) processed one after another, carrying the state (b, g, n, dg): nothing of size (b, l, d, n) is
-# ever built. Inside a chunk the linear recurrence h_t = a_t h_{t-1} + x_t is solved by a blocked two-level
-# scan (Blelloch 1990, "Prefix sums and their applications", §1.4): local scans inside blocks of _BLOCK
-# steps (all blocks at once), a recursive scan over the block ends, then one fix-up pass -- about three
-# passes over the buffer in total, against 2 log2(c) for a Hillis-Steele scan (measured 1.5-2x slower).
-# Only products of decays a in [0, 1] and sums are formed, so any Δ (1e-6 .. 1e3 and beyond) is safe:
-# decays underflow to 0 exactly where the true value is negligible, and no exp(-cumsum) ever appears.
-# a = exp(Δ A) is evaluated as exp2(Δ · A log2 e), which torch vectorises ~4x faster than exp on CPU.
+# Chunked selective scan. Inside, everything is time-major, (b, c, g, n, dg) with dg = d / g the channels
+# of one B/C group, so a time step is one contiguous block and the contractions over n and dg are gemms.
+# The sequence runs in chunks of c steps (c chosen so a work buffer stays cache-sized), carrying the state
+# (b, g, n, dg): nothing of size (b, l, d, n) is ever built. In a chunk, h_t = a_t h_{t-1} + x_t is solved
+# by a two-phase blocked scan (Blelloch 1990, "Prefix sums and their applications", §1.4) whose loops run
+# over the _BLOCK steps of a block with every block of the chunk at once: ~5 passes over the buffer, where
+# a log-depth Hillis-Steele scan needs 2 log2(c) (measured 1.5-2x slower) and a per-step loop needs c ops.
+# Only decays a in [0, 1] are multiplied and no exp(-cumsum) appears, so any Δ (1e-6 .. 1e3 and beyond) is
+# safe: decays underflow to 0 exactly where the true value is negligible. a = exp(Δ A) is evaluated as
+# exp2(Δ · A log2 e), which torch vectorises ~4x faster than exp on CPU.
+# Measured (2-core EPYC, b=1, d=512, n=16, L=4096, forward / forward+backward ms): chunk 64 & block 8:
+# 34 / 134; 128 & 8: 30 / 120; 128 & 16: 28 / 113; 256 & 16: 29 / 152.
 # ------------------------------------------------------------------------------------------------------
 
-# Measured on a 2-core EPYC, b=1, d=512, n=16, L=4096 (forward / forward+backward, ms): chunk 64 & block 8:
-# 34 / 134; 128 & 8: 30 / 120; 128 & 16: 28 / 113; 256 & 16: 29 / 152. Smaller chunks pay Python overhead per
-# op, larger ones fall out of cache.
 _WORK_ELEMS = 1 << 20  # target elements of one (b, c, g, n, dg) work buffer (4 MiB)
 _MIN_CHUNK, _MAX_CHUNK = 32, 256
 _BLOCK = 16  # steps per block of the two-level in-chunk scan
@@ -383,16 +371,8 @@ class _ScanFn(torch.autograd.Function):
 
 
 def selective_scan(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    delta_bias: Tensor | None = None,
-    delta_softplus: bool = False,
-    initial_state: Tensor | None = None,
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None, z: Tensor | None = None,
+    delta_bias: Tensor | None = None, delta_softplus: bool = False, initial_state: Tensor | None = None,
     return_final_state: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Selective scan with the semantics of mamba_ssm's ``selective_scan_fn``, chunked and parallel in time.
