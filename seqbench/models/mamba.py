@@ -104,8 +104,8 @@ class Mamba(nn.Module):
         if start > 0 and cache is None:
             raise ValueError("a prefill that starts after position 0 needs the cache of the earlier positions")
         e, w_in, b_in = self.d_inner, self.in_proj.weight, self.in_proj.bias
-        # Each projection is laid out the way its consumer reads it, so no activation is ever transposed:
-        # the conv reads channels-major x, the scan and the gate read time-major dt and z.
+        # Each projection is laid out the way its consumer reads it: the conv reads channels-major x, the scan
+        # reads time-major dt and z (free views), so only the conv output is transposed (inside the scan).
         xc = torch.matmul(w_in[:e], x.transpose(1, 2))  # (b, d_inner, l)
         z = F.linear(x, w_in[e:], None if b_in is None else b_in[e:])  # (b, l, d_inner)
         if b_in is not None:
