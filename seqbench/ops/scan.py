@@ -219,10 +219,10 @@ class _Problem:
         return tuple(torch.empty(shape, device=self.A.device) for _ in range(count))
 
 
-def _delta(delta: Tensor, delta_bias: Tensor | None, softplus: bool) -> tuple[Tensor, Tensor]:
-    """(Δ, delta + delta_bias) with Δ = softplus(delta + delta_bias) when asked; float32, in delta's layout."""
+def _delta(delta: Tensor, delta_bias: Tensor | None, softplus: bool) -> Tensor:
+    """Δ = softplus(delta + delta_bias), each part when asked; in delta's layout."""
     raw = delta if delta_bias is None else delta + delta_bias
-    return (F.softplus(raw) if softplus else raw), raw
+    return F.softplus(raw) if softplus else raw
 
 
 def _output(out: Tensor, s: int, e: int, chunk: Tensor, time_major: bool) -> None:
@@ -237,11 +237,12 @@ class _Chunk:
     """Time-major float32 views of one chunk s:e of the per-channel inputs, and Δ formed from them."""
 
     def __init__(self, p: _Problem, s: int, e: int, u: Tensor, delta: Tensor, z: Tensor | None,
-                 delta_bias: Tensor | None, softplus: bool):
+                 delta_bias: Tensor | None, softplus: bool, dt: Tensor | None = None):
         self.s, self.e, self.c = s, e, e - s
         self.u = u[:, s:e]  # (b, c, d)
         self.z = None if z is None else z[:, s:e]
-        self.dt, self.raw = _delta(delta[:, s:e], delta_bias, softplus)  # (b, c, d)
+        # Δ (b, c, d): from the full-length Δ the forward kept, or formed here
+        self.dt = dt[:, s:e] if dt is not None else _delta(delta[:, s:e], delta_bias, softplus)
         self.dtu = self.dt * self.u
         self.dtg = p.grouped(self.dt, 0, self.c)  # (b, c, g, 1, dg)
         self.B, self.C = p.bc(p.B, s, e), p.bc(p.C, s, e)  # (b, c, g, n, 1)
@@ -264,21 +265,27 @@ def _readout(p: _Problem, ch: _Chunk, h: Tensor, D: Tensor | None) -> Tensor:
 @torch.no_grad()
 def _forward(
     p: _Problem, u: Tensor, delta: Tensor, z: Tensor | None, h0: Tensor | None, D: Tensor | None,
-    delta_bias: Tensor | None, softplus: bool, states: list[Tensor] | None = None,
+    delta_bias: Tensor | None, softplus: bool, keep: dict[str, Tensor | list[Tensor]] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The chunk loop on time-major float32 u, delta, z (b, l, d): the output, time-major (b, l, d), and the
-    final state (b, d, n). Appends each chunk's starting state to ``states`` when given."""
+    final state (b, d, n). With ``keep`` (for the backward) it also keeps each chunk's starting state and the
+    O(l d) per-channel tensors the backward would otherwise recompute: Δ and the output before the gate."""
     y = torch.empty(p.b, p.l, p.d, device=u.device)
+    if keep is not None:
+        keep.update(states=[], dt=torch.empty_like(y), pre=None if z is None else torch.empty_like(y))
     h = torch.zeros(p.b, p.g, p.n, p.dg, device=u.device) if h0 is None else p.to_inner(h0).contiguous()
     a, x = p.buffers(2)
     scratch = p.scratch()
     for s, e in p.chunks():
-        if states is not None:
-            states.append(h.clone())
         ch = _Chunk(p, s, e, u, delta, z, delta_bias, softplus)
+        if keep is not None:
+            keep["states"].append(h.clone())
+            keep["dt"][:, s:e] = ch.dt
         hc = _states(p, ch, a[:, : ch.c], x[:, : ch.c], h, scratch)
         h.copy_(hc[:, -1])
         yc = _readout(p, ch, hc, D)
+        if keep is not None and ch.z is not None:
+            keep["pre"][:, s:e] = yc
         y[:, s:e] = yc if ch.z is None else yc.mul_(F.silu(ch.z))
     return y, p.to_outer(h)
 
@@ -294,9 +301,10 @@ class _ScanFn(torch.autograd.Function):
         p = _Problem(u, A, B, C)
         u_t, delta_t = _time_major(u), _time_major(delta)
         z_t = None if z is None else _time_major(z)
-        states: list[Tensor] = []
-        y, h_last = _forward(p, u_t, delta_t, z_t, h0, D, delta_bias, softplus, states)
-        ctx.save_for_backward(u_t, delta_t, A, B, C, D, z_t, delta_bias, torch.stack(states))
+        keep: dict = {}
+        y, h_last = _forward(p, u_t, delta_t, z_t, h0, D, delta_bias, softplus, keep)
+        states = torch.stack(keep["states"])
+        ctx.save_for_backward(u_t, delta_t, keep["dt"], A, B, C, D, z_t, keep["pre"], delta_bias, states)
         ctx.softplus, ctx.has_h0 = softplus, h0 is not None
         ctx.time_major = tuple(t is not None and _is_time_major(t) for t in (u, delta, z))  # layouts of the grads
         return y.transpose(1, 2), h_last
@@ -304,7 +312,7 @@ class _ScanFn(torch.autograd.Function):
     @staticmethod
     @torch.no_grad()
     def backward(ctx, dy, dh_last):
-        u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors  # u, delta, z: (b, l, d)
+        u, delta, dt, A, B, C, D, z, pre, delta_bias, states = ctx.saved_tensors  # u .. pre: (b, l, d)
         p = _Problem(u.transpose(1, 2), A, B, C)
         dy = _time_major(dy)
         tm_u, tm_delta, tm_z = ctx.time_major
@@ -316,11 +324,12 @@ class _ScanFn(torch.autograd.Function):
         dD = None if D is None else torch.zeros_like(D)
         dbias = None if delta_bias is None else torch.zeros_like(delta_bias)
         carry = None if dh_last is None else p.to_inner(dh_last)  # dL/dh at the end of the current chunk
+        dh0 = None
         a, hbuf = p.buffers(2, extra=1)
-        work, gbuf = p.buffers(2)
+        (gbuf,) = p.buffers(1)
         scratch = p.scratch()
         for i, (s, e) in reversed(list(enumerate(p.chunks()))):
-            ch = _Chunk(p, s, e, u, delta, z, delta_bias, ctx.softplus)
+            ch = _Chunk(p, s, e, u, delta, z, delta_bias, ctx.softplus, dt)
             c = ch.c
             # Recompute h_{t-1}, h_t (hbuf[:, 0] is the chunk's starting state) and a_t for t = s .. e, where
             # a_e belongs to the next chunk (Δ := 0, a = 1, past the sequence's end).
@@ -328,7 +337,7 @@ class _ScanFn(torch.autograd.Function):
             _states(p, ch, a[:, :c], hbuf[:, 1 : c + 1], hbuf[:, 0], scratch)
             h_prev, h = hbuf[:, :c], hbuf[:, 1 : c + 1]
             if e < p.l:
-                dt_next = p.grouped(_delta(delta[:, e : e + 1], delta_bias, ctx.softplus)[0], 0, 1)
+                dt_next = p.grouped(dt, e, e + 1)
             else:
                 dt_next = torch.zeros_like(ch.dtg[:, :1])
             dt_ext = torch.cat([ch.dtg, dt_next], dim=1)  # (b, c + 1, g, 1, dg)
@@ -336,35 +345,35 @@ class _ScanFn(torch.autograd.Function):
             # Through the gate y = pre * silu(z) and the skip pre = C h + D u.
             dyc = dy[:, s:e]  # (b, c, d)
             if ch.z is not None:
-                pre = _readout(p, ch, h, D)
-                _output(dz, s, e, torch.ops.aten.silu_backward(dyc * pre, ch.z), tm_z)  # dy * pre * silu'(z)
+                _output(dz, s, e, torch.ops.aten.silu_backward(dyc * pre[:, s:e], ch.z), tm_z)  # dy pre silu'(z)
                 dyc = dyc * F.silu(ch.z)
             if D is not None:
                 dD.add_((dyc * ch.u).sum((0, 1)))
             dyg = p.grouped(dyc, 0, c)  # (b, c, g, 1, dg)
             # g_t = dL/dh_t = C_t dy_t + a_{t+1} g_{t+1}: a reverse scan with coefficients shifted by one,
             # entered from g of the next chunk's first step.
-            gc, wc = gbuf[:, :c], work[:, :c]
+            gc = gbuf[:, :c]
             torch.mul(ch.C, dyg, out=gc)
             _scan_(a[:, 1 : c + 1], gc, carry, dt_ext[:, 1:], p.A2, scratch, reverse=True)
             carry = gc[:, 0].clone()
+            if i == 0 and ctx.has_h0:
+                dh0 = p.to_outer(a[:, 0] * carry)  # dL/dh_{-1}, before a is overwritten below
             # (einsum picks a gemm layout here; matmul would run c slow (n x dg) @ (dg x 1) products)
             dC[..., s:e] = torch.einsum("bcgnd,bcgd->bgnc", h, dyg.squeeze(3))
             dB[..., s:e] = torch.einsum("bcgnd,bcgd->bgnc", gc, p.grouped(ch.dtu, 0, c).squeeze(3))
             ddtu = torch.matmul(ch.B.transpose(-1, -2), gc).view(p.b, c, p.d)  # dL/d(Δu): (b, c, d)
             # dL/d(Δ A)_t = g_t a_t h_{t-1}; then chain to Δ (sum over n) and to A (sum over b, t).
-            dlog = torch.mul(a[:, :c], h_prev, out=wc).mul_(gc)  # (b, c, g, n, dg)
+            dlog = torch.mul(a[:, :c], h_prev, out=a[:, :c]).mul_(gc)  # (b, c, g, n, dg), a is done with
             dA.add_(torch.mul(dlog, ch.dtg, out=gc).sum((0, 1)))
             ddt = torch.mul(dlog, p.A, out=gc).sum(3).view(p.b, c, p.d).addcmul_(ddtu, ch.u)  # (b, c, d)
             duc = ddtu.mul_(ch.dt)
             _output(du, s, e, duc if D is None else duc.addcmul_(dyc, D), tm_u)
             if ctx.softplus:  # d softplus(x) / dx = sigmoid(x)
-                ddt.mul_(torch.sigmoid(ch.raw))
+                ddt.mul_(torch.sigmoid(_delta(delta[:, s:e], delta_bias, False)))
             if dbias is not None:
                 dbias.add_(ddt.sum((0, 1)))
             _output(ddelta, s, e, ddt, tm_delta)
         dA_out = dA.transpose(1, 2).reshape(p.d, p.n)
-        dh0 = p.to_outer(a[:, 0] * carry) if ctx.has_h0 else None  # a and carry of chunk 0: dL/dh_{-1}
         du, ddelta, dz = (t if t is None or not tm else t.transpose(1, 2)
                           for t, tm in zip((du, ddelta, dz), ctx.time_major, strict=True))
         return du, ddelta, dA_out, dB, dC, dD, dz, dbias, dh0, None
