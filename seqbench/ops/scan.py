@@ -269,10 +269,11 @@ def _forward(
 ) -> tuple[Tensor, Tensor]:
     """The chunk loop on time-major float32 u, delta, z (b, l, d): the output, time-major (b, l, d), and the
     final state (b, d, n). With ``keep`` (for the backward) it also keeps each chunk's starting state and the
-    O(l d) per-channel tensors the backward would otherwise recompute: Δ and the output before the gate."""
+    O(l d) per-channel tensors the backward would otherwise recompute: Δ, silu(z) and pre * silu'(z)."""
     y = torch.empty(p.b, p.l, p.d, device=u.device)
     if keep is not None:
-        keep.update(states=[], dt=torch.empty_like(y), pre=None if z is None else torch.empty_like(y))
+        gates = (None, None) if z is None else (torch.empty_like(y), torch.empty_like(y))
+        keep.update(states=[], dt=torch.empty_like(y), gate=gates[0], dgate=gates[1])
     h = torch.zeros(p.b, p.g, p.n, p.dg, device=u.device) if h0 is None else p.to_inner(h0).contiguous()
     a, x = p.buffers(2)
     scratch = p.scratch()
@@ -284,9 +285,14 @@ def _forward(
         hc = _states(p, ch, a[:, : ch.c], x[:, : ch.c], h, scratch)
         h.copy_(hc[:, -1])
         yc = _readout(p, ch, hc, D)
-        if keep is not None and ch.z is not None:
-            keep["pre"][:, s:e] = yc
-        y[:, s:e] = yc if ch.z is None else yc.mul_(F.silu(ch.z))
+        if ch.z is None:
+            y[:, s:e] = yc
+            continue
+        gate = F.silu(ch.z)
+        if keep is not None:  # y = pre * silu(z): dL/dz = dy * pre * silu'(z), dL/dpre = dy * silu(z)
+            keep["dgate"][:, s:e] = torch.ops.aten.silu_backward(yc, ch.z)
+            keep["gate"][:, s:e] = gate
+        torch.mul(yc, gate, out=y[:, s:e])
     return y, p.to_outer(h)
 
 
@@ -304,7 +310,7 @@ class _ScanFn(torch.autograd.Function):
         keep: dict = {}
         y, h_last = _forward(p, u_t, delta_t, z_t, h0, D, delta_bias, softplus, keep)
         states = torch.stack(keep["states"])
-        ctx.save_for_backward(u_t, delta_t, keep["dt"], A, B, C, D, z_t, keep["pre"], delta_bias, states)
+        ctx.save_for_backward(u_t, delta_t, keep["dt"], A, B, C, D, keep["gate"], keep["dgate"], delta_bias, states)
         ctx.softplus, ctx.has_h0 = softplus, h0 is not None
         ctx.time_major = tuple(t is not None and _is_time_major(t) for t in (u, delta, z))  # layouts of the grads
         return y.transpose(1, 2), h_last
@@ -312,13 +318,13 @@ class _ScanFn(torch.autograd.Function):
     @staticmethod
     @torch.no_grad()
     def backward(ctx, dy, dh_last):
-        u, delta, dt, A, B, C, D, z, pre, delta_bias, states = ctx.saved_tensors  # u .. pre: (b, l, d)
+        u, delta, dt, A, B, C, D, gate, dgate, delta_bias, states = ctx.saved_tensors  # (b, l, d) but A .. D
         p = _Problem(u.transpose(1, 2), A, B, C)
         dy = _time_major(dy)
         tm_u, tm_delta, tm_z = ctx.time_major
         shape_of = lambda tm: (p.b, p.l, p.d) if tm else (p.b, p.d, p.l)  # noqa: E731
         du, ddelta = torch.empty(shape_of(tm_u), device=u.device), torch.empty(shape_of(tm_delta), device=u.device)
-        dz = None if z is None else torch.empty(shape_of(tm_z), device=u.device)
+        dz = None if gate is None else torch.empty(shape_of(tm_z), device=u.device)
         dB, dC = torch.empty_like(p.B), torch.empty_like(p.C)  # (b, g, n, l)
         dA = torch.zeros_like(p.A)  # (g, n, dg)
         dD = None if D is None else torch.zeros_like(D)
@@ -329,7 +335,7 @@ class _ScanFn(torch.autograd.Function):
         (gbuf,) = p.buffers(1)
         scratch = p.scratch()
         for i, (s, e) in reversed(list(enumerate(p.chunks()))):
-            ch = _Chunk(p, s, e, u, delta, z, delta_bias, ctx.softplus, dt)
+            ch = _Chunk(p, s, e, u, delta, None, delta_bias, ctx.softplus, dt)
             c = ch.c
             # Recompute h_{t-1}, h_t (hbuf[:, 0] is the chunk's starting state) and a_t for t = s .. e, where
             # a_e belongs to the next chunk (Δ := 0, a = 1, past the sequence's end).
@@ -344,9 +350,9 @@ class _ScanFn(torch.autograd.Function):
             p.decays(dt_next, a[:, c : c + 1])
             # Through the gate y = pre * silu(z) and the skip pre = C h + D u.
             dyc = dy[:, s:e]  # (b, c, d)
-            if ch.z is not None:
-                _output(dz, s, e, torch.ops.aten.silu_backward(dyc * pre[:, s:e], ch.z), tm_z)  # dy pre silu'(z)
-                dyc = dyc * F.silu(ch.z)
+            if gate is not None:
+                _output(dz, s, e, dyc * dgate[:, s:e], tm_z)
+                dyc = dyc * gate[:, s:e]
             if D is not None:
                 dD.add_((dyc * ch.u).sum((0, 1)))
             dyg = p.grouped(dyc, 0, c)  # (b, c, g, 1, dg)
