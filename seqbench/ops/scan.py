@@ -59,20 +59,15 @@ def selective_state_update(
     return out.to(x.dtype)
 
 
-# ------------------------------------------------------------------------------------------------------
-# Chunked selective scan. Inside, everything is time-major, (b, c, g, n, dg) with dg = d / g the channels
-# of one B/C group, so a time step is one contiguous block and the contractions over n and dg are gemms.
-# The sequence runs in chunks of c steps (c chosen so a work buffer stays cache-sized), carrying the state
-# (b, g, n, dg): nothing of size (b, l, d, n) is ever built. In a chunk, h_t = a_t h_{t-1} + x_t is solved
-# by a two-phase blocked scan (Blelloch 1990, "Prefix sums and their applications", §1.4) whose loops run
-# over the _BLOCK steps of a block with every block of the chunk at once: ~5 passes over the buffer, where
-# a log-depth Hillis-Steele scan needs 2 log2(c) (measured 1.5-2x slower) and a per-step loop needs c ops.
-# Only decays a in [0, 1] are multiplied and no exp(-cumsum) appears, so any Δ (1e-6 .. 1e3 and beyond) is
-# safe: decays underflow to 0 exactly where the true value is negligible. a = exp(Δ A) is evaluated as
-# exp2(Δ · A log2 e), which torch vectorises ~4x faster than exp on CPU.
-# Measured (2-core EPYC, b=1, d=512, n=16, L=4096, forward / forward+backward ms): chunk 64 & block 8:
-# 34 / 134; 128 & 8: 30 / 120; 128 & 16: 28 / 113; 256 & 16: 29 / 152.
-# ------------------------------------------------------------------------------------------------------
+# Chunked selective scan. Inside, everything is time-major, (b, c, g, n, dg) with dg = d / g the channels of
+# one B/C group. The sequence runs in chunks of c steps (a cache-sized work buffer) carrying the state
+# (b, g, n, dg): nothing of size (b, l, d, n) is built. In a chunk h_t = a_t h_{t-1} + x_t is solved by a
+# two-phase blocked scan (Blelloch 1990, "Prefix sums and their applications", §1.4) looping over the _BLOCK
+# steps of a block with all blocks at once: ~5 passes, where a log-depth Hillis-Steele scan needs 2 log2(c)
+# (measured 1.5-2x slower). Only decays a in [0, 1] are multiplied and no exp(-cumsum) appears, so any Δ
+# (1e-6 .. 1e3 and beyond) is safe. a = exp(Δ A) is computed as exp2(Δ A log2 e), ~4x faster on CPU.
+# Measured (2-core EPYC, b=1, d=512, n=16, L=4096; forward+backward ms): chunk & block 64 & 16: 132,
+# 128 & 8: 112, 128 & 16: 104, 256 & 16: 123, 256 & 32: 126.
 
 _WORK_ELEMS = 1 << 20  # target elements of one (b, c, g, n, dg) work buffer (4 MiB)
 _MIN_CHUNK, _MAX_CHUNK = 32, 256
@@ -92,15 +87,11 @@ def _scratch_len(length: int) -> int:
 def _scan_(
     a: Tensor, x: Tensor, h0: Tensor | None, dt: Tensor, A2: Tensor, scratch: Tensor, reverse: bool = False
 ) -> None:
-    """In place along dim 1: x_t <- a_t x_{t-1} + x_t from x_{-1} = h0 (reverse: x_t <- a_t x_{t+1} + x_t
-    from x_{len} = h0); h0 None means a zero state. a_t = exp2(dt_t A2) is given and read only.
-
-    Two phases over blocks of _BLOCK steps, every block at once: (1) each block's end value from a zero start,
-    without writing x, and its total decay exp2(A2 · Σ dt) (one exp of the block's summed Δ instead of a chain
-    of products); (2) after a recursive scan over the blocks gives each block's incoming state, replay the
-    recurrence inside the blocks from those states, writing x.
-    x, a: (b, len, g, n, dg); dt: (b, len, g, 1, dg); scratch: (2, b, >= _scratch_len(len), g, n, dg).
-    """
+    """In place along dim 1: x_t <- a_t x_{t-1} + x_t from x_{-1} = h0 (reverse: x_t <- a_t x_{t+1} + x_t from
+    x_{len} = h0; None = zero state), a_t = exp2(dt_t A2) given. Phase 1: every block's end value from a zero
+    start and its decay exp2(A2 Σ dt); a recursive scan over blocks gives their incoming states; phase 2
+    replays each block from its state, writing x. x, a: (b, len, g, n, dg); dt: (b, len, g, 1, dg); scratch:
+    (2, b, >= _scratch_len(len), g, n, dg), the block values of every level."""
     length = x.shape[1]
     if length < 2 * _BLOCK:
         xs, as_ = x.unbind(1), a.unbind(1)  # one call for all the step views
@@ -160,7 +151,7 @@ def _time_major(t: Tensor) -> Tensor:
     return out
 
 
-def _is_time_major(t: Tensor) -> bool:
+def _is_time_major(t: Tensor) -> bool:  # (b, d, l) laid out as (b, l, d)
     return t.stride(1) == 1 and t.stride(2) == t.shape[1]
 
 
@@ -211,8 +202,8 @@ class _Problem:
         return torch.mul(dt, self.A2, out=out).exp2_()
 
     def scratch(self) -> Tensor:
-        n_blocks = _scratch_len(min(self.chunk, self.l))
-        return torch.empty(2, self.b, n_blocks, self.g, self.n, self.dg, device=self.A.device)
+        shape = (2, self.b, _scratch_len(min(self.chunk, self.l)), self.g, self.n, self.dg)
+        return torch.empty(shape, device=self.A.device)
 
     def buffers(self, count: int, extra: int = 0) -> tuple[Tensor, ...]:
         shape = (self.b, min(self.chunk, self.l) + extra, self.g, self.n, self.dg)
@@ -227,10 +218,7 @@ def _delta(delta: Tensor, delta_bias: Tensor | None, softplus: bool) -> Tensor:
 
 def _output(out: Tensor, s: int, e: int, chunk: Tensor, time_major: bool) -> None:
     """Write a time-major chunk (b, c, d) into positions s:e of ``out``: (b, l, d) when time_major, else (b, d, l)."""
-    if time_major:
-        out[:, s:e] = chunk
-    else:
-        out[:, :, s:e] = chunk.transpose(1, 2)
+    (out[:, s:e] if time_major else out[:, :, s:e].transpose(1, 2)).copy_(chunk)
 
 
 class _Chunk:
@@ -238,8 +226,7 @@ class _Chunk:
 
     def __init__(self, p: _Problem, s: int, e: int, u: Tensor, delta: Tensor, z: Tensor | None,
                  delta_bias: Tensor | None, softplus: bool, dt: Tensor | None = None):
-        self.s, self.e, self.c = s, e, e - s
-        self.u = u[:, s:e]  # (b, c, d)
+        self.c, self.u = e - s, u[:, s:e]  # u: (b, c, d)
         self.z = None if z is None else z[:, s:e]
         # Δ (b, c, d): from the full-length Δ the forward kept, or formed here
         self.dt = dt[:, s:e] if dt is not None else _delta(delta[:, s:e], delta_bias, softplus)
@@ -307,10 +294,10 @@ class _ScanFn(torch.autograd.Function):
         p = _Problem(u, A, B, C)
         u_t, delta_t = _time_major(u), _time_major(delta)
         z_t = None if z is None else _time_major(z)
-        keep: dict = {}
-        y, h_last = _forward(p, u_t, delta_t, z_t, h0, D, delta_bias, softplus, keep)
-        states = torch.stack(keep["states"])
-        ctx.save_for_backward(u_t, delta_t, keep["dt"], A, B, C, D, keep["gate"], keep["dgate"], delta_bias, states)
+        k: dict = {}  # what the forward keeps for the backward
+        y, h_last = _forward(p, u_t, delta_t, z_t, h0, D, delta_bias, softplus, k)
+        states = torch.stack(k["states"])
+        ctx.save_for_backward(u_t, delta_t, k["dt"], A, B, C, D, k["gate"], k["dgate"], delta_bias, states)
         ctx.softplus, ctx.has_h0 = softplus, h0 is not None
         ctx.time_major = tuple(t is not None and _is_time_major(t) for t in (u, delta, z))  # layouts of the grads
         return y.transpose(1, 2), h_last
