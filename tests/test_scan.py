@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -215,3 +219,30 @@ def test_bad_shapes_raise_clear_errors():
         selective_scan(x["u"], x["delta"], x["A"], torch.randn(1, 4, 4, 10), torch.randn(1, 4, 4, 10))
     with pytest.raises(ValueError, match="complex"):
         selective_scan(x["u"], x["delta"], x["A"].to(torch.complex64), x["B"], x["C"])
+
+
+_PEAK_SCRIPT = """
+import torch
+from seqbench.ops.scan import selective_scan
+torch.set_num_threads(1)
+def rss(key):
+    return next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith(key))
+b, d, n, l = 1, 64, 16, 1 << 17
+u, delta = torch.randn(b, d, l), torch.rand(b, d, l)
+A, B, C = -torch.rand(d, n), torch.randn(b, n, l), torch.randn(b, n, l)
+selective_scan(u[..., :512], delta[..., :512], A, B[..., :512], C[..., :512])  # warm up the allocator
+base = rss('VmRSS')
+open('/proc/self/clear_refs', 'w').write('5')
+y = selective_scan(u, delta, A, B, C)
+print(rss('VmHWM') - base)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
+def test_memory_does_not_hold_the_full_state_sequence():
+    """l = 2^17, d = 64, n = 16: a (b, l, d, n) tensor would be 512 MiB; chunking keeps the peak near a few
+    (b, l, d) tensors (32 MiB each)."""
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    peak = int(out.stdout.strip().splitlines()[-1])
+    assert peak < 256 * 2**20, f"peak above baseline {peak / 2**20:.0f} MiB"
