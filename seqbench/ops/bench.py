@@ -9,8 +9,9 @@ why the scan must not be computed step by step):
     PyTorch path, both holding the same state_dict (the HF layer is built from a config in code; nothing is
     downloaded).
 
-Timing: one warm-up call, then ``--repeats`` timed calls; the table shows medians, the interquartile range
-relative to the median, and the speed-up (baseline median / seqbench median) against the target.
+Timing: one warm-up call each, then ``--repeats`` timed calls alternating seqbench and the baseline (so both see
+the same load on a shared machine); the table shows medians, the interquartile range relative to the median,
+and the speed-up (baseline median / seqbench median) against the target.
 """
 
 from __future__ import annotations
@@ -51,14 +52,16 @@ def loop_scan(
     return y * F.silu(z)
 
 
-def timeit(fn: Callable[[], object], repeats: int) -> list[float]:
-    fn()  # warm-up: allocator, thread pool, lazy imports
-    times = []
+def timeit(ours: Callable[[], object], base: Callable[[], object], repeats: int) -> tuple[list[float], list[float]]:
+    """Times of ``repeats`` calls of each, alternating so both see the same machine load; one warm-up each."""
+    ours(), base()  # warm-up: allocator, thread pool, lazy imports
+    t_ours, t_base = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
+        for fn, times in ((ours, t_ours), (base, t_base)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return t_ours, t_base
 
 
 def _stats(times: list[float]) -> tuple[float, float]:
@@ -85,8 +88,7 @@ def bench_scan(d: int, n: int, l: int, repeats: int) -> list[tuple]:
     args = _scan_inputs(d, n, l, requires_grad=False)
     with torch.no_grad():
         diff = (_ours(*args) - loop_scan(*args)).abs().max().item()
-        t_ours = timeit(lambda: _ours(*args), repeats)
-        t_loop = timeit(lambda: loop_scan(*args), repeats)
+        t_ours, t_loop = timeit(lambda: _ours(*args), lambda: loop_scan(*args), repeats)
     rows.append(("scan forward", t_ours, t_loop, f"max|diff| {diff:.1e}"))
 
     args = _scan_inputs(d, n, l, requires_grad=True)
@@ -100,10 +102,11 @@ def bench_scan(d: int, n: int, l: int, repeats: int) -> list[tuple]:
 
         return run
 
-    t_ours = timeit(fwd_bwd(_ours), repeats)
+    fwd_bwd(_ours)()
     grads = [t.grad.clone() for t in args]
-    t_loop = timeit(fwd_bwd(loop_scan), repeats)
+    fwd_bwd(loop_scan)()
     gdiff = max(((a - t.grad).abs().max() / t.grad.abs().max()).item() for a, t in zip(grads, args, strict=True))
+    t_ours, t_loop = timeit(fwd_bwd(_ours), fwd_bwd(loop_scan), repeats)
     rows.append(("scan forward+backward", t_ours, t_loop, f"max rel grad diff {gdiff:.1e}"))
     return rows
 
@@ -128,8 +131,7 @@ def bench_layer(d_inner: int, n: int, l: int, repeats: int) -> tuple:
     with torch.inference_mode():
         y_ours, y_hf = ours(x), hf(x)
         diff = ((y_ours - y_hf).abs().max() / y_hf.abs().max()).item()
-        t_ours = timeit(lambda: ours(x), repeats)
-        t_hf = timeit(lambda: hf(x), repeats)
+        t_ours, t_hf = timeit(lambda: ours(x), lambda: hf(x), repeats)
     return ("Mamba layer prefill", t_ours, t_hf, f"vs HF MambaMixer, max rel diff {diff:.1e}")
 
 
