@@ -83,7 +83,8 @@ class ModelSpec(_Strict):
     @classmethod
     def _known_kind(cls, v: str) -> str:
         if v not in MODEL_KINDS:
-            raise ValueError(f"unknown model kind '{v}'{_did_you_mean(v, MODEL_KINDS)}; allowed: {', '.join(MODEL_KINDS)}")
+            hint = _did_you_mean(v, MODEL_KINDS)
+            raise ValueError(f"unknown model kind '{v}'{hint}; allowed: {', '.join(MODEL_KINDS)}")
         return v
 
     def layer_kinds(self) -> list[str]:
@@ -119,7 +120,8 @@ class ModelSpec(_Strict):
             if self.n_kv_heads and heads % self.n_kv_heads:
                 raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({heads})")
         if "mamba2" in kinds and (self.expand * self.d_model) % self.headdim:
-            raise ValueError(f"headdim ({self.headdim}) must divide d_inner = expand*d_model = {self.expand * self.d_model}")
+            d_inner = self.expand * self.d_model
+            raise ValueError(f"headdim ({self.headdim}) must divide d_inner = expand*d_model = {d_inner}")
         if "mamba2" in kinds and ((self.expand * self.d_model) // self.headdim) % self.ngroups:
             raise ValueError(f"ngroups ({self.ngroups}) must divide the number of mamba2 heads")
         return self
@@ -232,7 +234,8 @@ def _format_error(err: dict) -> str:
     path = key_path(loc)
     if err["type"] == "extra_forbidden":
         key = str(loc[-1])
-        return f"{path}: unknown key '{key}'{_did_you_mean(key, _fields_at(loc))}; allowed keys: {', '.join(_fields_at(loc))}"
+        allowed = _fields_at(loc)
+        return f"{path}: unknown key '{key}'{_did_you_mean(key, allowed)}; allowed keys: {', '.join(allowed)}"
     if err["type"] == "missing":
         return f"{path}: required key is missing"
     msg = err["msg"].removeprefix("Value error, ")

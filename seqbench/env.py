@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 
 OPTIONAL_KERNELS = ("mamba_ssm", "causal_conv1d", "flash_attn", "triton")
-_DISTRIBUTIONS = {"mamba_ssm": "mamba-ssm", "causal_conv1d": "causal-conv1d", "flash_attn": "flash-attn", "triton": "triton"}
+_DISTRIBUTIONS = {
+    "mamba_ssm": "mamba-ssm", "causal_conv1d": "causal-conv1d", "flash_attn": "flash-attn", "triton": "triton"
+}
 
 
 def _version(dist: str) -> str | None:

@@ -42,7 +42,8 @@ def match_params(exp: Experiment) -> tuple[Experiment, list[dict]]:
     for spec in exp.models:
         if spec.name == ref.name:
             models.append(spec)
-            report.append({"model": spec.name, m.by: getattr(spec, m.by), "params_non_embedding": target, "rel_diff": 0.0})
+            report.append({"model": spec.name, m.by: getattr(spec, m.by), "params_non_embedding": target,
+                           "rel_diff": 0.0})
             continue
         limit = 4 * max(spec.d_model, ref.d_model) if m.by == "d_model" else 4 * max(spec.n_layers, ref.n_layers)
         cands = _candidates(spec, m.by, limit)

@@ -9,14 +9,13 @@ import sys
 import time
 from pathlib import Path
 
+from conftest import ROOT
 from typer.testing import CliRunner
 
 from seqbench.cli import app
 from seqbench.config import load_experiment
 from seqbench.point import COLUMNS
 from seqbench.sweep import plan_grid
-
-from conftest import ROOT
 
 DESIGN_COLUMNS = """run_id model kind layout impl_used device dtype threads workload batch seq_len new_tokens status
 error n_samples first_call_s time_median_s time_p25_s time_p75_s time_min_s iqr_ratio noisy tokens_per_s

@@ -83,7 +83,7 @@ class Attention(nn.Module):
         self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str
     ) -> dict[str, Tensor]:
         shape = (batch, max_len, self.n_kv_heads, self.head_dim)
-        return {"k": torch.zeros(shape, dtype=dtype, device=device), "v": torch.zeros(shape, dtype=dtype, device=device)}
+        return {name: torch.zeros(shape, dtype=dtype, device=device) for name in ("k", "v")}
 
     def _proj_flops(self) -> int:
         return 2 * sum(m.in_features * m.out_features for m in (self.q_proj, self.kv_proj, self.out_proj))

@@ -139,7 +139,7 @@ class SeqModel(nn.Module):
         if start + tokens.shape[1] > cache.max_len:
             raise ValueError(f"cache holds {cache.max_len} positions; cannot prefill to {start + tokens.shape[1]}")
         x = self.embed(tokens)  # (b, l, d)
-        for block, layer_cache in zip(self.blocks, cache.layers):
+        for block, layer_cache in zip(self.blocks, cache.layers, strict=True):
             x = block(x, layer_cache, start)
         cache.seqlen = start + tokens.shape[1]
         return x
@@ -169,7 +169,7 @@ class SeqModel(nn.Module):
         if pos >= cache.max_len:
             raise ValueError(f"cache is full ({cache.max_len} positions)")
         x = self.embed(token)  # (b, 1, d)
-        for block, layer_cache in zip(self.blocks, cache.layers):
+        for block, layer_cache in zip(self.blocks, cache.layers, strict=True):
             x = block.step(x, layer_cache, pos)
         cache.seqlen = pos + 1
         return self.head(self.norm(x[:, -1]))

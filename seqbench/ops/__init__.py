@@ -12,7 +12,7 @@ path from an optional package (``pip install 'seqbench[cuda]'``). Both take the 
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
