@@ -112,3 +112,34 @@ def test_sigint_keeps_points_and_resume_completes_without_duplicates(tmp_path, w
     keys = [(r["model"], r["workload"], r["batch"], r["seq_len"]) for r in rows]
     assert len(keys) == len(set(keys)) == total
     assert set(keys) == set(plan_grid(load_experiment(config)))
+
+
+def test_env_reports_versions_and_kernels():
+    result = CliRunner().invoke(app, ["env", "--json"])
+    assert result.exit_code == 0, result.output
+    snap = json.loads(result.output)
+    assert snap["torch"] and snap["threads"] >= 1
+    assert set(snap["kernels"]) == {"mamba_ssm", "causal_conv1d", "flash_attn", "triton"}
+    assert "pip install 'seqbench[cuda]'" in snap["fast_kernels"]["selective_scan"]
+
+
+def test_models_lists_kind_and_published_presets():
+    result = CliRunner().invoke(app, ["models"], env={"COLUMNS": "240"})
+    assert result.exit_code == 0, result.output
+    for word in ("attention", "mamba2", "s4d", "hybrid", "tiny", "jamba-v0.1", "llama-3-70b"):
+        assert word in result.output
+
+
+def test_memory_command_is_registered_and_rejects_bad_presets():
+    runner = CliRunner()
+    result = runner.invoke(app, ["memory", "--preset", "llama-2-7b", "--context", "4k", "--dtype", "float16", "--json"])
+    assert result.exit_code == 0, result.output
+    assert "2147483648" in result.output  # 2 (k, v) · 32 layers · 4096 positions · 4096 width · 2 bytes
+    bad = runner.invoke(app, ["memory", "--preset", "llama-2-7", "--context", "4k"])
+    assert bad.exit_code == 2 and "did you mean" in bad.output
+
+
+def test_calibrate_prints_peaks():
+    result = CliRunner().invoke(app, ["calibrate", "--device", "cpu", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "GFLOP/s" in result.output and "GB/s" in result.output
