@@ -299,7 +299,7 @@ def crossovers(df: pd.DataFrame, margin: float = 0.02) -> pd.DataFrame:
         for a, b in combinations([m for m in models if m in set(grp["model"])], 2):
             ta = grp[grp["model"] == a].set_index("seq_len")
             tb = grp[grp["model"] == b].set_index("seq_len")
-            shared = sorted(set(ta.index) & set(tb.index))
+            shared = sorted(int(L) for L in set(ta.index) & set(tb.index))
             base = {"workload": workload, "batch": int(batch), "model_a": a, "model_b": b}
             if len(shared) < 2:
                 rows.append({**base, "status": "too few shared lengths", "summary": "too few shared lengths"})
