@@ -129,3 +129,35 @@ def test_failures_become_rows_and_the_grid_stays_complete(tmp_path, isolation, f
     assert [r["status"] for r in rows] == list(expected)
     assert [r["seq_len"] for r in rows] == lengths
     assert rows[1]["error"]
+
+
+def test_worker_killed_by_sigkill_becomes_oom_killed_row():
+    """The kernel's OOM killer ends a worker with SIGKILL; the parent must record that, not crash."""
+    import multiprocessing as mp
+    import os
+    import signal
+    import threading
+    import time
+
+    from seqbench.executors import ProcessExecutor
+    from seqbench.point import PointSpec
+
+    exp = experiment_from_dict({
+        "name": "killed", "device": "cpu", "threads": 1,
+        "models": [{"name": "slow", "kind": "attention", "d_model": 64, "n_layers": 2, "n_heads": 4}],
+        "sweep": {"seq_lens": [65536], "workloads": ["train"]},
+        "measure": {"timeout_s": 120, "calibrate": False, "isolation": "process"},
+    })
+    spec = PointSpec("r", exp.model_dump(mode="json"), "slow", "train", 1, 65536, "cpu")
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(row=ProcessExecutor().run(spec)))
+    worker.start()
+    deadline = time.monotonic() + 60
+    while not mp.active_children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(3)  # let it get into the measurement
+    (child,) = mp.active_children()
+    os.kill(child.pid, signal.SIGKILL)
+    worker.join(60)
+    assert result["row"]["status"] == "oom_killed"
+    assert "SIGKILL" in result["row"]["error"]
