@@ -132,7 +132,11 @@ def _run_sweep(state: SweepState, on_start, on_done) -> list[dict]:
         torch.set_num_threads(exp.threads)
     device = resolve_device(exp.device)
     torch.manual_seed(exp.seed)
-    (state.run_dir / "env.json").write_text(json.dumps(snapshot(device, exp.dtype, exp.seed), indent=2))
+    env_path = state.run_dir / "env.json"
+    if env_path.exists():  # a resumed run keeps its first environment and records each later one beside it
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        env_path = state.run_dir / f"env-resumed-{stamp}.json"
+    env_path.write_text(json.dumps(snapshot(device, exp.dtype, exp.seed), indent=2))
     cal_path = state.run_dir / "calibration.json"
     calibration = json.loads(cal_path.read_text()) if cal_path.exists() else None
     if calibration is None and exp.measure.calibrate:

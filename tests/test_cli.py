@@ -112,6 +112,7 @@ def test_sigint_keeps_points_and_resume_completes_without_duplicates(tmp_path, w
     keys = [(r["model"], r["workload"], r["batch"], r["seq_len"]) for r in rows]
     assert len(keys) == len(set(keys)) == total
     assert set(keys) == set(plan_grid(load_experiment(config)))
+    assert (run / "env.json").is_file() and list(run.glob("env-resumed-*.json"))
 
 
 def test_env_reports_versions_and_kernels():
