@@ -312,7 +312,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path, threshold: float = 1.10,
     m = a.merge(b, on=KEYS, suffixes=("_a", "_b"))
     rows = []
     for r in m.itertuples():
-        row = {"model": r.model, "workload": r.workload, "batch": r.batch, "seq_len": r.seq_len,
+        row = {"model": r.model, "workload": r.workload, "batch": int(r.batch), "seq_len": int(r.seq_len),
                "status_a": r.status_a, "status_b": r.status_b, "time_a_s": r.time_median_s_a,
                "time_b_s": r.time_median_s_b, "ratio": math.nan, "change": "", "flagged": False}
         if r.status_a == "ok" and r.status_b == "ok":
