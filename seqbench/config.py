@@ -76,6 +76,9 @@ class ModelSpec(_Strict):
     headdim: PositiveInt = 64
     ngroups: PositiveInt = 1
     chunk_size: PositiveInt = 256
+    dt_min: float = Field(0.001, gt=0, description="range of the initial step size Δ (Mamba, Mamba-2, S4D)")
+    dt_max: float = Field(0.1, gt=0)
+    s4d_init: Literal["lin", "inv"] = Field("lin", description="S4D-Lin or S4D-Inv initialisation of A")
     # hybrid: a pattern of letters (A attention, M mamba, D mamba2, S s4d) or kind names, tiled to n_layers
     layout: Union[str, list[str], None] = None
 
@@ -110,6 +113,8 @@ class ModelSpec(_Strict):
 
     @model_validator(mode="after")
     def _sizes_fit(self) -> "ModelSpec":
+        if self.dt_min > self.dt_max:
+            raise ValueError(f"dt_min ({self.dt_min}) must not exceed dt_max ({self.dt_max})")
         kinds = set(self.layer_kinds())
         heads = self.n_heads or max(1, self.d_model // 64)
         if "attention" in kinds:

@@ -81,6 +81,22 @@ def test_missing_file_exits_2(tmp_path):
     assert "no such config file" in " ".join(result.output.split())
 
 
+def test_initialisation_options_reach_the_mixers(write_config):
+    import torch
+
+    from seqbench.models import build_model
+
+    text = GOOD.replace("{name: a, kind: attention, d_model: 64, n_layers: 2, n_heads: 4}",
+                        "{name: s, kind: s4d, d_model: 16, n_layers: 1, d_state: 8, s4d_init: %s, dt_min: 0.01, dt_max: 0.02}")
+    lin = build_model(load_experiment(write_config(text % "lin", "lin.yaml")).models[0]).blocks[0].mixer
+    inv = build_model(load_experiment(write_config(text % "inv", "inv.yaml")).models[0]).blocks[0].mixer
+    assert not torch.equal(lin.A_imag, inv.A_imag)
+    dt = lin.log_dt.exp()
+    assert (dt >= 0.01 - 1e-6).all() and (dt <= 0.02 + 1e-6).all()
+    bad = CliRunner().invoke(app, ["validate", str(write_config(text.replace("0.02", "0.001") % "lin", "bad.yaml"))])
+    assert bad.exit_code == 2 and "dt_min (0.01) must not exceed dt_max (0.001)" in " ".join(bad.output.split())
+
+
 def test_match_params_resizes_within_tolerance(write_config):
     from seqbench.models import describe_model
 

@@ -35,7 +35,7 @@ def _mamba(spec: ModelSpec, device, dtype) -> nn.Module:
 
     return Mamba(
         spec.d_model, d_state=spec.d_state or 16, d_conv=spec.d_conv, expand=spec.expand, dt_rank=spec.dt_rank,
-        impl=spec.impl, device=device, dtype=dtype,
+        dt_min=spec.dt_min, dt_max=spec.dt_max, impl=spec.impl, device=device, dtype=dtype,
     )
 
 
@@ -44,14 +44,16 @@ def _mamba2(spec: ModelSpec, device, dtype) -> nn.Module:
 
     return Mamba2(
         spec.d_model, d_state=spec.d_state or 128, d_conv=spec.d_conv, expand=spec.expand, headdim=spec.headdim,
-        ngroups=spec.ngroups, chunk_size=spec.chunk_size, impl=spec.impl, device=device, dtype=dtype,
+        ngroups=spec.ngroups, chunk_size=spec.chunk_size, dt_min=spec.dt_min, dt_max=spec.dt_max,
+        impl=spec.impl, device=device, dtype=dtype,
     )
 
 
 def _s4d(spec: ModelSpec, device, dtype) -> nn.Module:
     from seqbench.models.s4 import S4D
 
-    return S4D(spec.d_model, d_state=spec.d_state or 64, impl=spec.impl, device=device, dtype=dtype)
+    return S4D(spec.d_model, d_state=spec.d_state or 64, dt_min=spec.dt_min, dt_max=spec.dt_max, init=spec.s4d_init,
+               impl=spec.impl, device=device, dtype=dtype)
 
 
 MIXERS: dict[str, Callable[[ModelSpec, torch.device | str, torch.dtype], nn.Module]] = {
