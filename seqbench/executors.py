@@ -35,7 +35,7 @@ def _worker(spec: PointSpec, conn) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     import torch
 
-    threads = spec.exp().threads
+    threads = spec.exp.threads
     if threads:
         torch.set_num_threads(threads)
     try:
@@ -62,7 +62,7 @@ class ProcessExecutor:
         proc = self._ctx.Process(target=_worker, args=(spec, child_conn), daemon=True)
         proc.start()
         child_conn.close()
-        timeout_s = spec.exp().measure.timeout_s
+        timeout_s = spec.exp.measure.timeout_s
         try:
             row = None
             if self._receive(parent_conn, self.STARTUP_LIMIT_S) == "ready":

@@ -30,6 +30,27 @@ def _candidates(spec: ModelSpec, by: str, limit: int) -> list[ModelSpec]:
     return out
 
 
+def _closest(cands: list[ModelSpec], target: int) -> tuple[ModelSpec, int]:
+    """The candidate whose count is nearest target, and its count. Counts grow with either size, so bisect;
+    each count is computed once (it costs a meta-device model build)."""
+    counts: dict[int, int] = {}
+
+    def count_of(i: int) -> int:
+        if i not in counts:
+            counts[i] = _count(cands[i])
+        return counts[i]
+
+    lo, hi = 0, len(cands) - 1
+    while lo < hi:  # the first candidate with count >= target
+        mid = (lo + hi) // 2
+        if count_of(mid) < target:
+            lo = mid + 1
+        else:
+            hi = mid
+    best = min(range(max(0, lo - 1), lo + 1), key=lambda i: abs(count_of(i) - target))
+    return cands[best], count_of(best)
+
+
 def match_params(exp: Experiment) -> tuple[Experiment, list[dict]]:
     """Return the experiment with resized models and one report row per model."""
     m = exp.match_params
@@ -46,16 +67,7 @@ def match_params(exp: Experiment) -> tuple[Experiment, list[dict]]:
                            "rel_diff": 0.0})
             continue
         limit = 4 * max(spec.d_model, ref.d_model) if m.by == "d_model" else 4 * max(spec.n_layers, ref.n_layers)
-        cands = _candidates(spec, m.by, limit)
-        lo, hi = 0, len(cands) - 1
-        while lo < hi:  # parameter count grows with either size: bisect for the first candidate >= target
-            mid = (lo + hi) // 2
-            if _count(cands[mid]) < target:
-                lo = mid + 1
-            else:
-                hi = mid
-        best = min(cands[max(0, lo - 1) : lo + 1], key=lambda s: abs(_count(s) - target))
-        count = _count(best)
+        best, count = _closest(_candidates(spec, m.by, limit), target)
         rel = count / target - 1
         if abs(rel) > m.tolerance:
             raise ValueError(f"match_params: model '{spec.name}' gets no closer than {rel:+.1%} to {target:,} "

@@ -13,6 +13,7 @@ import signal
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -49,19 +50,18 @@ class PointSpec:
     device: str
     calibration: dict | None = None
 
-    @property
-    def key(self) -> tuple[str, str, int, int]:
-        return (self.model, self.workload, self.batch, self.seq_len)
-
+    @cached_property
     def exp(self) -> Experiment:
+        """The validated experiment, parsed once per spec (and once more in a worker after unpickling)."""
         return Experiment.model_validate(self.experiment)
 
+    @property
     def model_spec(self) -> ModelSpec:
-        return next(m for m in self.exp().models if m.name == self.model)
+        return next(m for m in self.exp.models if m.name == self.model)
 
 
 def base_row(spec: PointSpec, status: str, error: str | None = None) -> dict:
-    exp, m = spec.exp(), spec.model_spec()
+    exp, m = spec.exp, spec.model_spec
     row = {c: None for c in COLUMNS}
     layout = m.layout if isinstance(m.layout, str) or m.layout is None else ",".join(m.layout)
     row.update(
@@ -73,9 +73,8 @@ def base_row(spec: PointSpec, status: str, error: str | None = None) -> dict:
 
 
 def build(spec: PointSpec) -> SeqModel:
-    exp = spec.exp()
-    torch.manual_seed(exp.seed)  # every model gets the same seed, whatever the order it is built in
-    return build_model(spec.model_spec(), device=spec.device, dtype=DTYPES[exp.dtype])
+    torch.manual_seed(spec.exp.seed)  # every model gets the same seed, whatever the order it is built in
+    return build_model(spec.model_spec, device=spec.device, dtype=DTYPES[spec.exp.dtype])
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -126,7 +125,7 @@ def alarm(timeout_s: float):
 
 def run_point(spec: PointSpec, model: SeqModel | None = None) -> dict:
     """Measure one point and return its row. Never raises for a failure of the point itself."""
-    exp = spec.exp()
+    exp = spec.exp
     ms = exp.measure
     t_start = time.monotonic()
     try:
@@ -136,9 +135,8 @@ def run_point(spec: PointSpec, model: SeqModel | None = None) -> dict:
     except PointTimeout as e:
         return base_row(spec, "timeout", str(e))
     except Exception as e:  # noqa: BLE001 - every failure becomes a row
-        if is_oom(e):
-            return base_row(spec, "oom", f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
-        return base_row(spec, "error", f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+        first_line = (str(e).splitlines() or [""])[0][:300]  # MemoryError() has no message at all
+        return base_row(spec, "oom" if is_oom(e) else "error", f"{type(e).__name__}: {first_line}")
     finally:
         if torch.device(spec.device).type == "cuda":
             torch.cuda.empty_cache()

@@ -172,7 +172,7 @@ def _run_sweep(state: SweepState, on_start, on_done) -> list[dict]:
     finally:
         signal.signal(signal.SIGTERM, previous)
         executor.close()
-    return [state.rows[k] for k in grid if k in state.rows]
+    return ordered_rows(state)
 
 
 def ordered_rows(state: SweepState) -> list[dict]:

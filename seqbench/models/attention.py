@@ -13,12 +13,21 @@ from torch import Tensor, nn
 from seqbench.ops import get
 
 
-def rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
-    """Rotate pairs (x[..., :hd/2], x[..., hd/2:]) by position-dependent angles. x: (b, l, h, hd)."""
-    half = x.shape[-1] // 2
-    inv_freq = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)  # (hd/2,)
+def rope_inv_freq(head_dim: int, theta: float, device: torch.device | str | None = None) -> Tensor:
+    """Rotation frequencies theta^(-i / (hd/2)), i < hd/2, in float32: (hd/2,)."""
+    half = head_dim // 2
+    return theta ** (-torch.arange(half, device=device, dtype=torch.float32) / half)
+
+
+def rope_angles(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
+    """cos and sin of position × frequency, each (1, l, 1, hd/2), shared by q and k."""
     angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (l, hd/2)
-    cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]  # (1, l, 1, hd/2)
+    return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (x[..., :hd/2], x[..., hd/2:]) by the angles of rope_angles. x: (b, l, h, hd)."""
+    half = x.shape[-1] // 2
     x1, x2 = x[..., :half].float(), x[..., half:].float()
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
@@ -45,6 +54,8 @@ class Attention(nn.Module):
         if self.head_dim % 2:
             raise ValueError(f"head_dim = d_model / n_heads = {self.head_dim} must be even for RoPE")
         self.rope_theta = rope_theta
+        # A plain float32 tensor, not a buffer: model.to(bfloat16) must not round the frequencies.
+        self._inv_freq = rope_inv_freq(self.head_dim, rope_theta, device)
         kw = {"device": device, "dtype": dtype}
         self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=False, **kw)
         self.kv_proj = nn.Linear(d_model, 2 * n_kv_heads * self.head_dim, bias=False, **kw)
@@ -56,7 +67,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, l, self.n_heads, self.head_dim)  # (b, l, h, hd)
         k, v = self.kv_proj(x).view(b, l, 2, self.n_kv_heads, self.head_dim).unbind(2)  # (b, l, kvh, hd)
         positions = torch.arange(start, start + l, device=x.device)
-        return rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta), v
+        cos, sin = rope_angles(positions, self._inv_freq.to(x.device))
+        return rope(q, cos, sin), rope(k, cos, sin), v
 
     def forward(self, x: Tensor, cache: dict[str, Tensor] | None = None, start: int = 0) -> Tensor:
         b, l, _ = x.shape

@@ -17,7 +17,7 @@ bytes of K/V or of the recurrent state, with nothing else mixed in.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -104,7 +104,6 @@ class ModelCache:
     layers: list[dict[str, Tensor]]
     max_len: int
     seqlen: int = 0
-    extra: dict[str, object] = field(default_factory=dict)
 
     def tensors(self) -> list[Tensor]:
         return [t for layer in self.layers for t in layer.values()]
