@@ -332,14 +332,15 @@ def _roofline_figure(df, meta, colors):
 
 
 def make_plots(run_dir: str | Path, df: pd.DataFrame | None = None, meta: dict | None = None,
-               formats: tuple[str, ...] = ("png", "svg")) -> list[Path]:
-    """Write every figure the run's data supports into ``run_dir/plots``; returns the written files."""
+               formats: tuple[str, ...] = ("png", "svg"), fits: pd.DataFrame | None = None) -> list[Path]:
+    """Write every figure the run's data supports into ``run_dir/plots``; returns the written files.
+    ``fits`` (exponent_table of df) is computed here unless the caller already has it."""
     run_dir = Path(run_dir)
     df = load_run(run_dir) if df is None else df
     meta = load_meta(run_dir) if meta is None else meta
     names = [m.get("name") for m in (meta.get("config") or {}).get("models", []) if isinstance(m, dict)]
     colors = model_colors(list(dict.fromkeys([n for n in names if n in set(df["model"])] + model_order(df))))
-    fits = exponent_table(df)
+    fits = exponent_table(df) if fits is None else fits
     out_dir = run_dir / "plots"
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = {

@@ -124,12 +124,25 @@ def models_table(df: pd.DataFrame) -> pd.DataFrame:
 
 def problems_table(df: pd.DataFrame) -> pd.DataFrame:
     bad = df[(df["status"] != "ok") | df["noisy"]]
-    rows = [{"model": r.model, "workload": r.workload, "batch": r.batch, "L": r.seq_len,
+    rows = [{"model": r.model, "workload": r.workload, "batch": int(r.batch), "L": int(r.seq_len),
              "status": STATUS_LABELS.get(r.status, r.status) if r.status != "ok" else "noisy",
              "detail": (r.error or "")[:160] if r.status != "ok"
              else f"IQR/median = {r.iqr_ratio:.2f}, n = {r.n_samples:.0f}"}
             for r in bad.itertuples()]
     return pd.DataFrame(rows, columns=["model", "workload", "batch", "L", "status", "detail"])
+
+
+def _metric_tables(df: pd.DataFrame, metrics_of) -> list[tuple[str, pd.DataFrame]]:
+    """(title, model × L table) for each (workload, batch) and each metric ``metrics_of(workload)`` names
+    that has at least one measured value in that cell."""
+    out = []
+    for workload, batch in _cells(df):
+        cell = ok_rows(df[(df["workload"] == workload) & (df["batch"] == batch)])
+        for metric in metrics_of(workload):
+            if cell[metric].notna().any():
+                table, unit = metric_table(df, metric, workload, batch)
+                out.append((f"{workload} {METRIC_LABELS[metric]}{unit}, batch {batch}", table))
+    return out
 
 
 def _cells(df: pd.DataFrame, workloads=None):
@@ -161,7 +174,8 @@ CSS = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;p
        "img{max-width:100%;border:1px solid #eee;margin:.5em 0}figcaption{color:#555;font-size:.85em}")
 
 
-def _blocks(run_dir: Path, df: pd.DataFrame, meta: dict, figures: list[Path]) -> list[tuple]:
+def _blocks(run_dir: Path, df: pd.DataFrame, meta: dict, figures: list[Path], fits: pd.DataFrame,
+            cross: pd.DataFrame) -> list[tuple]:
     env, cal, cfg = meta["env"], meta["calibration"], meta["config"]
     kernels = env.get("kernels") or {}
     env_rows = [(k, env.get(k)) for k in ("python", "torch", "cuda", "device", "device_name", "cpu_model", "cores",
@@ -188,23 +202,20 @@ def _blocks(run_dir: Path, df: pd.DataFrame, meta: dict, figures: list[Path]) ->
               "context of L tokens; cache bytes are the KV cache or recurrent state allocated for that context, "
               "summed over its tensors as the sweep recorded them."),
     ]
-    for workload, batch in _cells(df):
-        for metric in WORKLOAD_METRICS[workload]:
-            if ok_rows(df[df["workload"] == workload])[metric].notna().any():
-                table, unit = metric_table(df, metric, workload, batch)
-                blocks += [("h3", f"{workload} {METRIC_LABELS[metric]}{unit}, batch {batch}"), ("table", table)]
+    for title, table in _metric_tables(df, WORKLOAD_METRICS.get):
+        blocks += [("h3", title), ("table", table)]
     blocks += [
         ("h2", "Scaling exponents"),
         ("p", "Log-log OLS slope k in cost ∝ L^k on the largest lengths (≥ 4 points spanning ≥ 8×), 95% CI from "
               "the t distribution. Local slopes are between adjacent measured lengths; 'asymptotic' means the "
               "local slopes inside the fitted range agree within 0.1, otherwise the slope is still drifting (the "
               "fit bounds the asymptote from one side) or the data are too noisy to tell; the CI says which."),
-        ("table", exponent_strings(exponent_table(df))),
+        ("table", exponent_strings(fits)),
         ("h2", "Crossovers"),
         ("p", "A crossover is claimed only where the median time ratio changes sides of 1 with both models' "
               "p25–p75 bands separated on each side; the bracket gives the measured lengths around it and ≈ L "
               "the log-log interpolation."),
-        ("table", crossover_strings(crossovers(df))),
+        ("table", crossover_strings(cross)),
         ("h2", "Noisy and failed points"),
     ]
     problems = problems_table(df)
@@ -214,15 +225,22 @@ def _blocks(run_dir: Path, df: pd.DataFrame, meta: dict, figures: list[Path]) ->
     return blocks
 
 
-def make_report(run_dir: str | Path) -> Path:
-    """Write plots, ``report.md`` and ``report.html`` (images inline, works offline); returns the .md path."""
+def analyse_run(run_dir: str | Path) -> tuple[pd.DataFrame, dict, pd.DataFrame, pd.DataFrame]:
+    """Load a run once and fit it once: (rows, metadata, exponent fits, crossovers)."""
+    df = load_run(run_dir)
+    return df, load_meta(run_dir), exponent_table(df), crossovers(df)
+
+
+def make_report(run_dir: str | Path, analysed: tuple | None = None) -> Path:
+    """Write plots, ``report.md`` and ``report.html`` (images inline, works offline); returns the .md path.
+    ``analysed`` is ``analyse_run(run_dir)`` when the caller already has it."""
     from seqbench.plots import make_plots
 
     run_dir = Path(run_dir)
-    df, meta = load_run(run_dir), load_meta(run_dir)
-    figures = make_plots(run_dir, df, meta)
+    df, meta, fits, cross = analysed or analyse_run(run_dir)
+    figures = make_plots(run_dir, df, meta, fits=fits)
     md, body = [], []
-    for kind, value in _blocks(run_dir, df, meta, figures):
+    for kind, value in _blocks(run_dir, df, meta, figures, fits, cross):
         if kind in ("h1", "h2", "h3"):
             md.append("#" * int(kind[1]) + " " + value)
             body.append(f"<{kind}>{html.escape(value)}</{kind}>")
@@ -264,25 +282,23 @@ def _exponent_matrix(fits: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame.from_dict(cells, orient="index").fillna("–").rename_axis("model").reset_index()
 
 
-def render_summary(console: Console, df: pd.DataFrame) -> None:
+def render_summary(console: Console, df: pd.DataFrame, fits: pd.DataFrame | None = None,
+                   cross: pd.DataFrame | None = None) -> None:
     """The key tables in the terminal: headline metric (and cache) per (workload, batch), exponents, crossovers.
 
     ``df`` may come straight from the sweep's rows (None for unmeasured values); it is normalized here.
+    ``fits`` and ``cross`` are computed here unless the caller already has them.
     """
     df = normalize(df)
-    for workload, batch in _cells(df):
-        metrics = [HEADLINE[workload]] + (["cache_bytes"] if workload == "decode" else [])
-        for metric in metrics:
-            if ok_rows(df[df["workload"] == workload])[metric].notna().any():
-                table, unit = metric_table(df, metric, workload, batch)
-                console.print(_rich(table, f"{workload} {METRIC_LABELS[metric]}{unit}, batch {batch}"))
-    fits = exponent_table(df)
+    for title, table in _metric_tables(df, lambda w: [HEADLINE[w]] + (["cache_bytes"] if w == "decode" else [])):
+        console.print(_rich(table, title))
+    fits = exponent_table(df) if fits is None else fits
     fits = fits[fits["metric"] != "tokens_per_s"]
     for (workload, batch), grp in fits.groupby(["workload", "batch"], sort=False):
         table = _rich(_exponent_matrix(grp), f"{workload} exponents k, cost ∝ L^k, batch {batch}")
         table.caption, table.caption_justify = "±: 95% CI; ✓: asymptotic", "left"
         console.print(table)
-    cross = crossovers(df)
+    cross = crossovers(df) if cross is None else cross
     if len(cross):
         view = crossover_strings(cross)
         claimed = view[view["result"] == "crossover"]
@@ -356,13 +372,15 @@ def plot_cmd(path: Annotated[Path, typer.Argument(help="a run folder, or a folde
     written = 0
     for run in runs:
         try:
-            report = make_report(run)
+            analysed = analyse_run(run)
+            report = make_report(run, analysed)
         except RunError as e:
             err.print(f"[yellow]skipped[/] {e}", highlight=False)
             continue
         written += 1
         out.rule(run.name)
-        render_summary(out, load_run(run))
+        df, _, fits, cross = analysed
+        render_summary(out, df, fits, cross)
         err.print(f"report: {report} and {report.with_suffix('.html')}; figures in {run / 'plots'}", highlight=False)
     if not written:
         _fail(f"{path}: no run with points to plot")
