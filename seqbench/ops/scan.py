@@ -49,8 +49,12 @@ def selective_state_update(
     B32 = _expand_groups(B.float(), h).unsqueeze(2)  # (b, h, 1, n)
     C32 = _expand_groups(C.float(), h).unsqueeze(2)  # (b, h, 1, n)
     dA = torch.exp(A.float() * dt32.unsqueeze(-1))  # (b, h, p, n)
-    new = state.float() * dA + B32 * (dt32 * x32).unsqueeze(-1)  # (b, h, p, n)
-    state.copy_(new)
+    dBx = (dt32 * x32).unsqueeze(-1)  # (b, h, p, 1)
+    if state.dtype == torch.float32:  # update in place: no state-sized temporaries on the decode hot path
+        new = state.mul_(dA).addcmul_(B32, dBx)
+    else:  # low-precision state: compute in float32, round once
+        new = state.float() * dA + B32 * dBx  # (b, h, p, n)
+        state.copy_(new)
     out = (new * C32).sum(-1)  # (b, h, p)
     if D is not None:
         out = out + x32 * D.float()
