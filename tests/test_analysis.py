@@ -198,7 +198,8 @@ def test_load_run_prefers_jsonl_tolerates_a_cut_line_and_keeps_the_last_duplicat
     pd.DataFrame(base).assign(time_median_s=99.0).to_csv(tmp_path / "results.csv", index=False)
     df = load_run(tmp_path)
     assert len(df) == 2 and df.set_index("seq_len").loc[512, "time_median_s"] == 3.0
-    assert df["error"].eq("").all() and df["cache_bytes"].dtype == float  # missing columns exist, typed
+    assert "param_bytes" not in base[0]
+    assert df["error"].eq("").all() and df["param_bytes"].dtype == float  # missing columns exist, typed
     (tmp_path / "points.jsonl").unlink()
     assert load_run(tmp_path)["time_median_s"].eq(99.0).all()  # falls back to results.csv
     assert find_runs(tmp_path) == [tmp_path]

@@ -234,7 +234,6 @@ def test_kernel_choice_is_recorded():
 
 
 def test_fast_kernels_on_cpu_raise_instead_of_falling_back():
-    pytest.importorskip("seqbench.ops.fast")
     with pytest.raises(KernelUnavailable):
         Mamba2(D_MODEL, d_state=16, headdim=8, impl="fast", device="cpu")
 

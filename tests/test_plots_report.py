@@ -124,7 +124,7 @@ def test_plots_are_valid_png_and_svg(reported):
     assert len(written) == 2 * len(stems)  # every figure as PNG and SVG
     assert {"prefill_throughput", "decode_latency", "cache_bytes", "peak_memory", "exponents", "roofline"} <= stems
     for path in written:
-        assert path.parent == run_dir / "plots" and path.stat().st_size > 1000
+        assert path.stat().st_size > 1000
         if path.suffix == ".png":
             assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         else:
@@ -136,14 +136,15 @@ def test_report_names_every_model_and_length(reported):
     md = (run_dir / "report.md").read_text()
     html = (run_dir / "report.html").read_text()
     for model in MODELS:
-        assert model in md and model in html
+        assert f"| {model} |" in md and f"<td>{model}</td>" in html
     for L in LENGTHS:
         assert f"| {L} " in md or f"| {L} |" in md
         assert f"<th>{L}</th>" in html
     assert "OOM" in md and "skipped (OOM)" in md and "timeout" in md
     assert "data:image/png;base64," in html and "<img" in html  # offline: images inline
     assert "torch-sdpa" in md and "3.2 M" in md  # impl_used and parameter counts
-    assert "crossover" in md.lower() and "exponent" in md.lower()
+    assert "| crossover |" in md  # the quadratic transformer is overtaken: a claimed crossover row
+    assert "(4 pts)" in md  # a fitted exponent row, not just the heading
 
 
 def test_report_survives_a_run_with_one_length_and_only_failures(tmp_path):

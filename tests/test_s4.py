@@ -10,7 +10,7 @@ import torch
 
 from seqbench.config import ModelSpec
 from seqbench.models import build_model
-from seqbench.models.s4 import S4D, s4d_imag_init, vandermonde, vandermonde_transpose
+from seqbench.models.s4 import S4D, vandermonde, vandermonde_transpose
 from seqbench.ops import KernelUnavailable
 
 D_MODEL, D_STATE = 16, 8
@@ -172,7 +172,8 @@ def test_inits() -> None:
     n = torch.arange(D_STATE // 2, dtype=torch.float32)
     torch.testing.assert_close(lin.A_imag.data, (math.pi * n).expand(D_MODEL, -1))
     torch.testing.assert_close(inv.A_imag.data[0, 0], torch.tensor(D_STATE * (D_STATE - 1) / math.pi))
-    torch.testing.assert_close(inv.A_imag.data, s4d_imag_init("inv", D_STATE).expand(D_MODEL, -1))
+    closed_form = D_STATE / math.pi * (D_STATE / (2 * n + 1) - 1)  # S4D-Inv: N/π (N/(2n+1) − 1)
+    torch.testing.assert_close(inv.A_imag.data, closed_form.expand(D_MODEL, -1))
     assert (inv.A_imag.data[:, 1:] < inv.A_imag.data[:, :-1]).all()  # N/π(N/(2n+1) − 1) decreases in n
     for m in (lin, inv):
         torch.testing.assert_close(-torch.exp(m.log_A_real.data), torch.full((D_MODEL, D_STATE // 2), -0.5))
