@@ -16,7 +16,6 @@ Lieber et al. 2024 (Jamba).
 
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import dataclass, fields
 from functools import lru_cache
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from seqbench.messages import did_you_mean as _did_you_mean
 
 PRESET_FILE = Path(__file__).parent / "presets" / "archs.yaml"
 LETTER_KIND = {"A": "attention", "M": "mamba", "D": "mamba2"}
@@ -171,8 +172,7 @@ def find_arch(name: str) -> ArchPreset | None:
 
 def did_you_mean(name: str) -> str:
     """`` (did you mean 'x'?)`` for the closest preset name, or an empty string."""
-    close = difflib.get_close_matches(name.strip().lower(), arch_names(), n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    return _did_you_mean(name.strip().lower(), arch_names(), cutoff=0.5)
 
 
 def get_arch(name: str) -> ArchPreset:

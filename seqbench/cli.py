@@ -16,16 +16,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from seqbench.config import ConfigError, Experiment, load_experiment
+from seqbench.messages import fail
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Measure what Transformers, S4D, Mamba, Mamba-2 and hybrids cost as sequences grow.")
 out = Console()
 err = Console(stderr=True)
-
-
-def fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def _load(config: Path) -> Experiment:

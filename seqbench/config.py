@@ -6,13 +6,14 @@ Every user mistake becomes one ``ConfigError`` whose message names the file, the
 
 from __future__ import annotations
 
-import difflib
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+
+from seqbench.messages import did_you_mean
 
 WORKLOADS = ("prefill", "decode", "train")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -86,7 +87,7 @@ class ModelSpec(_Strict):
     @classmethod
     def _known_kind(cls, v: str) -> str:
         if v not in MODEL_KINDS:
-            hint = _did_you_mean(v, MODEL_KINDS)
+            hint = did_you_mean(v, MODEL_KINDS)
             raise ValueError(f"unknown model kind '{v}'{hint}; allowed: {', '.join(MODEL_KINDS)}")
         return v
 
@@ -203,11 +204,6 @@ class Experiment(_Strict):
 # ---- error formatting ---------------------------------------------------------------------------------
 
 
-def _did_you_mean(word: str, options: Any) -> str:
-    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
 def key_path(loc: tuple) -> str:
     out = ""
     for part in loc:
@@ -240,7 +236,7 @@ def _format_error(err: dict) -> str:
     if err["type"] == "extra_forbidden":
         key = str(loc[-1])
         allowed = _fields_at(loc)
-        return f"{path}: unknown key '{key}'{_did_you_mean(key, allowed)}; allowed keys: {', '.join(allowed)}"
+        return f"{path}: unknown key '{key}'{did_you_mean(key, allowed)}; allowed keys: {', '.join(allowed)}"
     if err["type"] == "missing":
         return f"{path}: required key is missing"
     msg = err["msg"].removeprefix("Value error, ")

@@ -38,7 +38,6 @@ Gu & Dao 2023 (Mamba), Dao & Gu 2024 (Mamba-2), Lieber et al. 2024 (Jamba, Table
 
 from __future__ import annotations
 
-import difflib
 import json
 import re
 from dataclasses import asdict, dataclass
@@ -47,6 +46,7 @@ from pathlib import Path
 import typer
 
 from seqbench.archs import ArchPreset, resolve_presets
+from seqbench.messages import did_you_mean, fail
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # dtype of the SSM state as each of seqbench's mixers allocates it; None = the model dtype (as mamba_ssm does).
@@ -277,22 +277,13 @@ def human_tokens(n: int) -> str:
 # ---- commands -----------------------------------------------------------------------------------------------
 
 
-def _fail(message: str) -> None:
-    from rich.console import Console
-
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
-
-
 def _parse(preset: list[str], context: str, dtype: str = "bfloat16") -> tuple[list[ArchPreset], list[int]]:
     if dtype not in DTYPE_BYTES:
-        close = difflib.get_close_matches(dtype, list(DTYPE_BYTES), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        _fail(f"--dtype '{dtype}' is not known{hint}; allowed: {', '.join(DTYPE_BYTES)}")
+        fail(f"--dtype '{dtype}' is not known{did_you_mean(dtype, DTYPE_BYTES)}; allowed: {', '.join(DTYPE_BYTES)}")
     try:
         return resolve_presets(preset), parse_contexts(context)
     except ValueError as e:
-        _fail(str(e))
+        fail(str(e))
 
 
 def _print_table(title: str, columns: list[str], rows: list[tuple[ArchPreset, list[str]]]):
@@ -351,7 +342,7 @@ def memory_cmd(
         from matplotlib.backend_bases import FigureCanvasBase
 
         if plot.suffix.lstrip(".").lower() not in FigureCanvasBase.get_supported_filetypes():
-            _fail(f"--plot {plot}: use an image suffix such as .png, .svg or .pdf")
+            fail(f"--plot {plot}: use an image suffix such as .png, .svg or .pdf")
     rows = [(p, memory(p, c, batch, dtype)) for p in presets for c in contexts]
     if json_out:
         typer.echo(json.dumps([{**m.as_dict(), "title": p.title, "ssm_state_dtype": {
@@ -372,7 +363,7 @@ def memory_cmd(
         try:
             plot_memory(presets, contexts, batch, dtype, plot)
         except OSError as e:  # e.g. an unwritable folder
-            _fail(f"--plot {plot}: {e}")
+            fail(f"--plot {plot}: {e}")
         typer.echo(f"wrote {plot}", err=True)
 
 

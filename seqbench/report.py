@@ -43,6 +43,7 @@ from seqbench.analysis import (
     pick_unit,
     pivot,
 )
+from seqbench.messages import fail
 
 TIMED = ("time_median_s", "latency_per_token_s", "tokens_per_s")
 HEADLINE = {"prefill": "tokens_per_s", "decode": "latency_per_token_s", "train": "tokens_per_s"}
@@ -357,17 +358,12 @@ def compare_runs(run_a: str | Path, run_b: str | Path, threshold: float = 1.10,
 # ---- commands (registered in cli.py) ------------------------------------------------------------------
 
 
-def _fail(message: str) -> None:
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
-
-
 def plot_cmd(path: Annotated[Path, typer.Argument(help="a run folder, or a folder of runs (e.g. results/)")]) -> None:
     """Write plots and report.md/report.html for a run (or every run in a folder) and print the key tables."""
     try:
         runs = find_runs(path)
     except RunError as e:
-        _fail(str(e))
+        fail(str(e))
     out, err = Console(), Console(stderr=True)
     written = 0
     for run in runs:
@@ -383,7 +379,7 @@ def plot_cmd(path: Annotated[Path, typer.Argument(help="a run folder, or a folde
         render_summary(out, df, fits, cross)
         err.print(f"report: {report} and {report.with_suffix('.html')}; figures in {run / 'plots'}", highlight=False)
     if not written:
-        _fail(f"{path}: no run with points to plot")
+        fail(f"{path}: no run with points to plot")
 
 
 def compare_cmd(
@@ -395,10 +391,10 @@ def compare_cmd(
     try:
         table, flagged = compare_runs(run_a, run_b, threshold)
     except RunError as e:
-        _fail(str(e))
+        fail(str(e))
     out = Console()
     if table.empty:
-        _fail(f"{run_a} and {run_b} share no grid points")
+        fail(f"{run_a} and {run_b} share no grid points")
     for note in table.attrs.get("mismatch", []):
         out.print(f"[yellow]warning:[/] runs differ in {note}", highlight=False)
     shown = table[~table["change"].isin(["within noise", "failed in both"])]

@@ -35,10 +35,10 @@ prefixes ``models[i].`` and turns it into a ConfigError.
 
 from __future__ import annotations
 
-import difflib
 from typing import Any
 
-from seqbench.archs import arch_names, find_arch, model_fields
+from seqbench.archs import arch_names, did_you_mean, find_arch, model_fields
+from seqbench.messages import did_you_mean as _did_you_mean
 
 KIND_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "attention": {
@@ -73,15 +73,10 @@ SCALE_FIELDS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "vocab_size", "m
                 "expand", "headdim", "ngroups", "chunk_size")
 
 
-def _hint(word: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
 def preset_fields(kind: str, name: str) -> dict[str, Any]:
     table = KIND_PRESETS.get(kind, {})
     if name not in table:
-        hint = _hint(name, list(table) + arch_names())
+        hint = _did_you_mean(name, list(table) + arch_names(), cutoff=0.5)
         raise ValueError(
             f"unknown preset '{name}' for kind '{kind}'{hint}; allowed: {', '.join(table) or 'none'} "
             f"(size presets) or a published architecture: {', '.join(arch_names())}"
@@ -111,7 +106,8 @@ def scale_fields(fields: dict[str, Any], scale: Any, layout_len: int) -> dict[st
     allowed = [*SCALE_FACTORS, *SCALE_FIELDS]
     for key in scale:
         if key not in allowed:
-            raise ValueError(f"scale: unknown key '{key}'{_hint(str(key), allowed)}; allowed: {', '.join(allowed)}")
+            hint = _did_you_mean(key, allowed, cutoff=0.5)
+            raise ValueError(f"scale: unknown key '{key}'{hint}; allowed: {', '.join(allowed)}")
     out = dict(fields)
     layers = _factor(scale, "layers")
     if layers is not None:
@@ -162,7 +158,7 @@ def _resolve(m: dict[str, Any]) -> dict[str, Any]:
             except ValueError as e:
                 raise ValueError(f"preset: {e}") from None
         if kind is None:
-            hint, allowed = _hint(name.lower(), arch_names()), ", ".join(arch_names())
+            hint, allowed = did_you_mean(name), ", ".join(arch_names())
             raise ValueError(f"preset: unknown architecture preset '{name}'{hint}; allowed: {allowed} "
                              "(or give a kind and a size preset: tiny, small, base)")
         return m  # an unknown kind: ModelSpec reports it with the allowed kinds
