@@ -365,8 +365,8 @@ def pivot(df: pd.DataFrame, metric: str, workload: str | None = None, batch: int
 UNITS = {
     "s": (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6), ("ns", 1e-9)),
     "tok/s": (("M tok/s", 1e6), ("k tok/s", 1e3), ("tok/s", 1.0)),
-    "count": (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3), ("", 1.0)),
-    "bytes": (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("B", 1.0)),
+    "count": (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3), ("", 1.0)),
+    "bytes": (("PiB", 2**50), ("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("B", 1.0)),
 }
 
 

@@ -45,6 +45,7 @@ from pathlib import Path
 
 import typer
 
+from seqbench.analysis import fmt_bytes, fmt_count
 from seqbench.archs import ArchPreset, resolve_presets
 from seqbench.messages import did_you_mean, fail
 
@@ -252,21 +253,6 @@ def parse_contexts(text: str) -> list[int]:
     return list(dict.fromkeys(out))
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(n) < 1024 or unit == "PiB":
-            break
-        n /= 1024
-    return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
-
-
-def human_count(n: float, suffix: str = "") -> str:
-    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g} {unit}{suffix}"
-    return f"{n:.3g} {suffix}".rstrip()
-
-
 def human_tokens(n: int) -> str:
     for unit, scale in (("M", 1024**2), ("k", 1024)):
         if n % scale == 0:
@@ -352,8 +338,8 @@ def memory_cmd(
         console = _print_table(
             f"Memory, batch {batch}, {dtype} (analytic; activations excluded); state = SSM + conv state{own}",
             ["context", "KV cache", "state", "weights", "total"],
-            [(p, [human_tokens(m.context), human_bytes(m.kv_cache_bytes), human_bytes(m.state_bytes),
-                  human_bytes(m.param_bytes), human_bytes(m.total_bytes)]) for p, m in rows])
+            [(p, [human_tokens(m.context), fmt_bytes(m.kv_cache_bytes), fmt_bytes(m.state_bytes),
+                  fmt_bytes(m.param_bytes), fmt_bytes(m.total_bytes)]) for p, m in rows])
         for p in presets:
             if p.moe is not None:
                 console.print(f"{p.name}: weights count all {p.moe.experts} experts of each mixture.", highlight=False)
@@ -380,5 +366,5 @@ def flops_cmd(
         return
     _print_table("FLOPs per token, batch 1 (an estimate: 2 per multiply-add; matmuls + attention/scan terms; "
                  "MoE counts active experts)", ["context", "active params", "prefill /token", "decode /token"],
-                 [(p, [human_tokens(f.context), human_count(f.active_params), human_count(f.prefill_flops_per_token,
-                       "FLOP"), human_count(f.decode_flops_per_token, "FLOP")]) for p, f in rows])
+                 [(p, [human_tokens(f.context), fmt_count(f.active_params), fmt_count(f.prefill_flops_per_token,
+                       "FLOP"), fmt_count(f.decode_flops_per_token, "FLOP")]) for p, f in rows])

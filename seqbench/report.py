@@ -155,7 +155,7 @@ def _cells(df: pd.DataFrame, workloads=None):
 # ---- report -------------------------------------------------------------------------------------------
 
 
-def _md_table(t: pd.DataFrame) -> str:
+def markdown_table(t: pd.DataFrame) -> str:
     esc = [str(c).replace("|", "\\|") for c in t.columns]
     lines = ["| " + " | ".join(esc) + " |", "|" + "|".join("---" for _ in esc) + "|"]
     lines += ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in t.itertuples(index=False)]
@@ -249,7 +249,7 @@ def make_report(run_dir: str | Path, analysed: tuple | None = None) -> Path:
             md.append(value)
             body.append(f"<p>{html.escape(value)}</p>")
         elif kind == "table":
-            md.append(_md_table(value))
+            md.append(markdown_table(value))
             body.append(_html_table(value))
         else:
             md.append(f"![{value.stem}]({value.relative_to(run_dir).as_posix()})")

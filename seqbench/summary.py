@@ -3,33 +3,16 @@ of every run (also an interrupted one); the full analysis is ``seqbench plot``'s
 
 from __future__ import annotations
 
-import math
-
 import pandas as pd
+
+from seqbench.analysis import fmt_bytes
+from seqbench.report import markdown_table
 
 HEADLINE = {
     "prefill": ("tokens_per_s", "prefill throughput (tokens/s)"),
     "decode": ("latency_per_token_s", "decode latency per token (ms) at context L"),
     "train": ("tokens_per_s", "train throughput, forward+backward (tokens/s)"),
 }
-
-
-def human_bytes(n: float | None) -> str:
-    if n is None or (isinstance(n, float) and math.isnan(n)):
-        return "—"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def markdown_table(df: pd.DataFrame) -> str:
-    cols = [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for _, r in df.iterrows():
-        lines.append("| " + " | ".join(str(v) for v in r.tolist()) + " |")
-    return "\n".join(lines)
 
 
 def _cell(row: pd.Series, metric: str) -> str:
@@ -72,7 +55,7 @@ def summary_markdown(df: pd.DataFrame, name: str, planned: int) -> str:
     decode = df[(df.workload == "decode") & (df.status == "ok")] if len(df) else df
     if len(decode):
         cache = decode.pivot_table(index="model", columns="seq_len", values="cache_bytes", aggfunc="first", sort=False)
-        cache = cache.map(human_bytes).reset_index()
+        cache = cache.map(fmt_bytes).reset_index()
         cache.columns = [str(c) for c in cache.columns]
         out += ["", "## cache bytes at context L (KV cache or recurrent state)", "", markdown_table(cache)]
     failed = df[df.status != "ok"] if len(df) else df
