@@ -271,7 +271,7 @@ def experiment_from_dict(raw: Any, source: str = "<config>") -> Experiment:
         if exp.match_params is not None:
             from seqbench.matching import match_params
 
-            exp, _ = match_params(exp)
+            exp = match_params(exp)
         return exp
     except ValidationError as e:
         lines = [_format_error(err) for err in e.errors()]

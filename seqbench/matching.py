@@ -51,20 +51,19 @@ def _closest(cands: list[ModelSpec], target: int) -> tuple[ModelSpec, int]:
     return cands[best], count_of(best)
 
 
-def match_params(exp: Experiment) -> tuple[Experiment, list[dict]]:
-    """Return the experiment with resized models and one report row per model."""
+def match_params(exp: Experiment) -> Experiment:
+    """Return the experiment with every model resized to the reference's non-embedding parameter count.
+    The achieved counts are on every result row and in ``seqbench run --dry-run``."""
     m = exp.match_params
     names = [s.name for s in exp.models]
     if m.to not in names:
         raise ValueError(f"match_params.to: '{m.to}' is not a model of this experiment; models: {', '.join(names)}")
     ref = exp.models[names.index(m.to)]
     target = _count(ref)
-    models, report = [], []
+    models = []
     for spec in exp.models:
         if spec.name == ref.name:
             models.append(spec)
-            report.append({"model": spec.name, m.by: getattr(spec, m.by), "params_non_embedding": target,
-                           "rel_diff": 0.0})
             continue
         limit = 4 * max(spec.d_model, ref.d_model) if m.by == "d_model" else 4 * max(spec.n_layers, ref.n_layers)
         best, count = _closest(_candidates(spec, m.by, limit), target)
@@ -74,5 +73,4 @@ def match_params(exp: Experiment) -> tuple[Experiment, list[dict]]:
                              f"non-embedding parameters by changing {m.by} (tolerance {m.tolerance:.0%}); "
                              f"try by: {'n_layers' if m.by == 'd_model' else 'd_model'} or a larger tolerance")
         models.append(best)
-        report.append({"model": spec.name, m.by: getattr(best, m.by), "params_non_embedding": count, "rel_diff": rel})
-    return exp.model_copy(update={"models": models}), report
+    return exp.model_copy(update={"models": models})

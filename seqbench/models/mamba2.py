@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from seqbench.ops import get
 from seqbench.ops.conv import fill_conv_state
+from seqbench.ops.ssd import discretize_dt
 
 
 class GatedRMSNorm(nn.Module):
@@ -168,10 +169,6 @@ class Mamba2(nn.Module):
     def _dt_limited(self) -> bool:
         return self.dt_limit != (0.0, float("inf"))
 
-    def _limited_dt(self, dt: Tensor, dt_bias: Tensor) -> Tensor:
-        """Δ = clamp(softplus(dt + dt_bias), *dt_limit) in float32 (mamba_ssm's order)."""
-        return F.softplus(dt.float() + dt_bias.float()).clamp(self.dt_limit[0], self.dt_limit[1])
-
     def _output(self, y: Tensor, z: Tensor, z0: Tensor, x0: Tensor) -> Tensor:
         """Gated norm (or nothing: the gate was applied inside the scan), MLP side path, out_proj."""
         if self.rmsnorm:
@@ -201,7 +198,7 @@ class Mamba2(nn.Module):
         xs, B, C = xBC_act.transpose(1, 2).split([self.d_ssm, g * n, g * n], dim=-1)  # (b, l, *)
         dt_bias, softplus = self.dt_bias, True
         if self._dt_limited():  # discretise and clamp Δ here, as in step: every ssd kernel then agrees
-            dt, dt_bias, softplus = self._limited_dt(dt, dt_bias), None, False
+            dt, dt_bias, softplus = discretize_dt(dt, dt_bias, True, self.dt_limit), None, False
         out = self._ssd(
             xs.reshape(b, l, h, p),
             dt,
@@ -232,11 +229,11 @@ class Mamba2(nn.Module):
         A = (-torch.exp(self.A_log.float()))[:, None, None].expand(h, p, n)  # (h, p, n)
         D = self._D()
         D = D if D.dim() == 2 else D[:, None].expand(h, p)  # (h, p)
-        dt_bias = self.dt_bias[:, None].expand(h, p)  # (h, p)
+        dt_bias, softplus = self.dt_bias, True
+        if self._dt_limited():  # the state-update kernel has no clamp: discretise Δ here, once per head
+            dt, dt_bias, softplus = discretize_dt(dt, dt_bias, True, self.dt_limit), None, False
         dt = dt[:, :, None].expand(b, h, p)  # (b, h, p)
-        softplus = True
-        if self._dt_limited():  # the state-update kernel has no clamp: discretise Δ here
-            dt, dt_bias, softplus = self._limited_dt(dt, dt_bias), None, False
+        dt_bias = None if dt_bias is None else dt_bias[:, None].expand(h, p)  # (h, p)
         y = self._state_update(
             ssm_state,
             xs.reshape(b, h, p),

@@ -55,7 +55,7 @@ def _check_shapes(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Ten
         raise ValueError(f"z must have the shape of x {tuple(x.shape)}, got {tuple(z.shape)}")
 
 
-def _discretize_dt(dt: Tensor, dt_bias: Tensor | None, dt_softplus: bool, dt_limit: tuple[float, float]) -> Tensor:
+def discretize_dt(dt: Tensor, dt_bias: Tensor | None, dt_softplus: bool, dt_limit: tuple[float, float]) -> Tensor:
     """Δ = clamp(softplus(dt + dt_bias)) in float32, the order mamba_ssm applies them."""
     dt = dt.float()
     if dt_bias is not None:
@@ -180,7 +180,7 @@ def ssd(
     pieces = []
     for s in range(0, l, span):
         e = min(s + span, l)
-        dt_g = _discretize_dt(dt[:, s:e], dt_bias, dt_softplus, dt_limit)  # (b, t, h)
+        dt_g = discretize_dt(dt[:, s:e], dt_bias, dt_softplus, dt_limit)  # (b, t, h)
         y_g, state = _chunk_group(x[:, s:e].float(), dt_g, A32, B[:, s:e].float(), C[:, s:e].float(), D32, state, upper)
         if z is not None:
             y_g = y_g * F.silu(z[:, s:e].float())
