@@ -29,7 +29,7 @@ smoke: $(STAMP)
 	$(VENV)/bin/seqbench plot "$$(cat results/.last-smoke)"
 
 bench: $(STAMP)
-	$(VENV)/bin/seqbench bench-ops
+	$(PY) benchmarks/ops_bench.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check seqbench tests

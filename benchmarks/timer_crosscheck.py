@@ -13,9 +13,9 @@ import argparse
 import torch
 import torch.utils.benchmark as tb
 
-from seqbench.config import load_experiment
-from seqbench.point import PointSpec, build, run_point
-from seqbench.workloads import prefill
+from seqbench.experiment import load_experiment
+from seqbench.run.point import PointSpec, build, run_point
+from seqbench.run.workloads import prefill
 
 
 def main() -> None:

@@ -15,7 +15,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from seqbench.config import ConfigError, Experiment, load_experiment
+from seqbench.config import ConfigError, Experiment
+from seqbench.experiment import load_experiment
 from seqbench.messages import fail
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -33,8 +34,8 @@ def _load(config: Path) -> Experiment:
 
 def _preflight(exp: Experiment, config: Path):
     """Resolve the device and check that every demanded fast kernel can run, before anything is measured."""
-    from seqbench.env import resolve_device
     from seqbench.models import preflight_kernels
+    from seqbench.run.provenance import resolve_device
 
     try:
         device = resolve_device(exp.device)
@@ -55,7 +56,7 @@ def run(
     """Run an experiment: build the models, sweep the grid, write the run folder."""
     exp = _load(config)
     device = _preflight(exp, config)
-    from seqbench import sweep
+    from seqbench.run import sweep
 
     if dry_run:
         _print_plan(exp, str(device))
@@ -93,14 +94,13 @@ def run(
                             on_wait=lambda: err.print("another seqbench run is measuring here; waiting for it"))
         except sweep.Interrupted:
             interrupted = True
-    sweep.write_tables(state)
-    import pandas as pd
+    from seqbench.analysis.summary import render_summary, summary_markdown
 
-    df = pd.DataFrame(sweep.ordered_rows(state))
-    if len(df):
-        from seqbench.report import render_summary
-
-        render_summary(out, df)
+    sweep.write_results_csv(state)
+    rows = sweep.ordered_rows(state)
+    (state.run_dir / "summary.md").write_text(summary_markdown(rows, exp.name, total))
+    if rows:
+        render_summary(out, rows)
     if interrupted:
         err.print(f"[yellow]interrupted[/]: {len(state.rows)} of {total} points kept in {state.run_dir}\n"
                   f"resume with: seqbench run {config} --resume {state.run_dir}", highlight=False)
@@ -111,7 +111,7 @@ def run(
 
 def _print_plan(exp: Experiment, device: str) -> None:
     from seqbench.models import describe_model
-    from seqbench.sweep import plan_grid
+    from seqbench.run.sweep import plan_grid
 
     grid = plan_grid(exp)
     table = Table(title=f"{exp.name}: {len(grid)} points on {device} ({exp.dtype})", title_justify="left")
@@ -132,7 +132,7 @@ def validate(config: Path = typer.Argument(..., help="experiment YAML")) -> None
     """Check a config file; exit 2 with a message naming the key if it is wrong."""
     exp = _load(config)
     _preflight(exp, config)
-    from seqbench.sweep import plan_grid
+    from seqbench.run.sweep import plan_grid
 
     out.print(f"ok: {config}: {len(exp.models)} models, {len(plan_grid(exp))} grid points", highlight=False)
 
@@ -140,8 +140,8 @@ def validate(config: Path = typer.Argument(..., help="experiment YAML")) -> None
 @app.command()
 def env(as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
     """Versions, device, threads and which fast kernels can run here."""
-    from seqbench.env import snapshot
     from seqbench.ops import _FAST, fast_available
+    from seqbench.run.provenance import snapshot
 
     snap = snapshot()
     snap["fast_kernels"] = {op: fast_available(op) or "available" for op in _FAST}
@@ -171,7 +171,7 @@ def models() -> None:
                                                 for k, v in fields.items()), f"{describe_model(spec, 1)['params']:,}")
     out.print(table)
 
-    from seqbench.archs import load_presets
+    from seqbench.models.published import load_presets
 
     table = Table(title="published shapes (use: {preset: jamba-v0.1, scale: {layers: 0.25, width: 0.0625}})",
                   title_justify="left")
@@ -191,9 +191,9 @@ def calibrate(
     """Measure this device's peak matmul FLOP/s and memory bandwidth (the roofline)."""
     import torch
 
-    from seqbench.env import resolve_device
-    from seqbench.measure import calibrate as measure_peaks
     from seqbench.models import DTYPES
+    from seqbench.run.calibration import calibrate as measure_peaks
+    from seqbench.run.provenance import resolve_device
 
     if dtype not in DTYPES:
         fail(f"--dtype must be one of {', '.join(DTYPES)}")
@@ -209,26 +209,162 @@ def calibrate(
               f"copy bandwidth {cal['peak_bytes_per_s'] / 1e9:.1f} GB/s", highlight=False)
 
 
-@app.command("bench-ops")
-def bench_ops() -> None:
-    """Benchmark the reference kernels against per-timestep loops and Hugging Face's torch path."""
-    from seqbench.ops.bench import main
-
-    main([])
+# ---- analysis ---------------------------------------------------------------------------------------
 
 
-# --- commands from other modules ----------------------------------------------------------------------
-def _register() -> None:
-    from seqbench.memcalc import flops_cmd, memory_cmd
-    from seqbench.report import compare_cmd, plot_cmd
+@app.command("plot")
+def plot_cmd(path: Path = typer.Argument(..., help="a run folder, or a folder of runs (e.g. results/)")) -> None:
+    """Figures, report.md and report.html for a run folder (or each run in a folder); prints the key tables."""
+    from seqbench.analysis.report import analyse_run, make_report
+    from seqbench.analysis.runs import RunError, find_runs
+    from seqbench.analysis.summary import render_summary
 
-    app.command("plot", help="Figures, report.md and report.html for a run folder (or each run in a folder).")(plot_cmd)
-    app.command("compare", help="Per-point ratios of two runs; exit 1 on a flagged slowdown.")(compare_cmd)
-    app.command("memory", help="Analytic KV-cache, state and parameter bytes of published architectures.")(memory_cmd)
-    app.command("flops", help="Analytic FLOPs per token of published architectures (an estimate).")(flops_cmd)
+    try:
+        runs = find_runs(path)
+    except RunError as e:
+        fail(str(e))
+    written = 0
+    for run_dir in runs:
+        try:
+            analysed = analyse_run(run_dir)
+            report = make_report(run_dir, analysed)
+        except RunError as e:
+            err.print(f"[yellow]skipped[/] {escape(str(e))}", highlight=False)
+            continue
+        written += 1
+        out.rule(run_dir.name)
+        df, _, fits, cross = analysed
+        render_summary(out, df, fits, cross)
+        err.print(f"report: {report} and {report.with_suffix('.html')}; figures in {run_dir / 'plots'}",
+                  highlight=False)
+    if not written:
+        fail(f"{path}: no run with points to plot")
 
 
-_register()
+@app.command("compare")
+def compare_cmd(
+    run_a: Path = typer.Argument(..., help="the baseline run folder"),
+    run_b: Path = typer.Argument(..., help="the new run folder"),
+    threshold: float = typer.Option(1.10, help="fail when a point is slower than this ratio beyond noise"),
+) -> None:
+    """Per-point time ratios of RUN_B over RUN_A; exit 1 when a slowdown beyond noise exceeds --threshold."""
+    from seqbench.analysis.compare import changes_view, compare_runs, headline
+    from seqbench.analysis.runs import RunError
+    from seqbench.analysis.tables import rich_table
+
+    try:
+        table, flagged = compare_runs(run_a, run_b, threshold)
+    except RunError as e:
+        fail(str(e))
+    if table.empty:
+        fail(f"{run_a} and {run_b} share no grid points")
+    for note in table.attrs.get("mismatch", []):
+        out.print(f"[yellow]warning:[/] runs differ in {escape(note)}", highlight=False)
+    view = changes_view(table)
+    if len(view):
+        out.print(rich_table(view, f"time changes beyond noise, B = {run_b.name} vs A = {run_a.name}"))
+    out.print(headline(table), highlight=False)
+    if flagged:
+        out.print(f"[bold red]{int(table['flagged'].sum())} point(s) slower than {threshold:.2f}× beyond noise "
+                  "or newly failing[/]")
+        raise typer.Exit(1)
+
+
+# ---- the calculator of published architectures --------------------------------------------------------
+
+DEFAULT_CONTEXTS = "4k,32k,128k,256k"
+PRESET_HELP = "preset name (repeatable, comma-separated, or 'all')"
+CONTEXT_HELP = "contexts, e.g. 4k,32k,128k or 4096,1M"
+
+
+def _presets_and_contexts(preset: list[str], context: str, dtype: str = "bfloat16"):
+    from seqbench.calc.memcalc import parse_contexts
+    from seqbench.messages import did_you_mean
+    from seqbench.models import DTYPES
+    from seqbench.models.published import resolve_presets
+
+    if dtype not in DTYPES:
+        fail(f"--dtype '{dtype}' is not known{did_you_mean(dtype, DTYPES)}; allowed: {', '.join(DTYPES)}")
+    try:
+        return resolve_presets(preset), parse_contexts(context)
+    except ValueError as e:
+        fail(str(e))
+
+
+def _print_sections(title: str, columns: list[str], rows: list[tuple]) -> None:
+    """A table with one section per preset: rows are (preset, cells)."""
+    table = Table(title=escape(title), title_justify="left")
+    table.add_column("preset", no_wrap=True)
+    for col in columns:
+        table.add_column(col, justify="right", no_wrap=True)
+    for i, (p, cells) in enumerate(rows):
+        table.add_row(p.name, *cells, end_section=i + 1 < len(rows) and rows[i + 1][0] is not p)
+    out.print(table)
+
+
+@app.command("memory")
+def memory_cmd(
+    preset: list[str] = typer.Option(..., "--preset", "-p", help=PRESET_HELP),
+    context: str = typer.Option(DEFAULT_CONTEXTS, "--context", "-c", help=CONTEXT_HELP),
+    batch: int = typer.Option(1, "--batch", "-b", min=1, help="sequences held at once"),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="dtype of weights, KV cache and conv state"),
+    json_out: bool = typer.Option(False, "--json", help="print exact bytes as JSON"),
+    plot: Path | None = typer.Option(None, "--plot", help="draw memory versus context into this image file"),
+) -> None:
+    """KV cache, recurrent state, parameters and total memory of published architectures (analytic)."""
+    from seqbench.calc.memcalc import human_tokens, memory, plot_memory
+    from seqbench.formatting import fmt_bytes
+
+    presets, contexts = _presets_and_contexts(preset, context, dtype)
+    if plot is not None:
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        if plot.suffix.lstrip(".").lower() not in FigureCanvasBase.get_supported_filetypes():
+            fail(f"--plot {plot}: use an image suffix such as .png, .svg or .pdf")
+    rows = [(p, memory(p, c, batch, dtype)) for p in presets for c in contexts]
+    if json_out:
+        typer.echo(json.dumps([{**m.as_dict(), "title": p.title} for p, m in rows], indent=2))
+    else:
+        _print_sections(
+            f"Memory, batch {batch}, {dtype} (analytic; activations excluded); state = SSM + conv state",
+            ["context", "KV cache", "state", "weights", "total"],
+            [(p, [human_tokens(m.context), fmt_bytes(m.kv_cache_bytes), fmt_bytes(m.state_bytes),
+                  fmt_bytes(m.param_bytes), fmt_bytes(m.total_bytes)]) for p, m in rows])
+        for p in presets:
+            if p.moe is not None:
+                out.print(f"{p.name}: weights count all {p.moe.experts} experts of each mixture.", highlight=False)
+            if p.notes:
+                out.print(f"{p.name}: {escape(p.notes)}.", highlight=False)
+    if plot is not None:
+        try:
+            plot_memory(presets, contexts, batch, dtype, plot)
+        except OSError as e:  # e.g. an unwritable folder
+            fail(f"--plot {plot}: {e}")
+        err.print(f"wrote {plot}", highlight=False)
+
+
+@app.command("flops")
+def flops_cmd(
+    preset: list[str] = typer.Option(..., "--preset", "-p", help=PRESET_HELP),
+    context: str = typer.Option(DEFAULT_CONTEXTS, "--context", "-c", help=CONTEXT_HELP),
+    json_out: bool = typer.Option(False, "--json", help="print exact FLOP counts as JSON"),
+) -> None:
+    """Analytic FLOPs per token of prefill and decode at each context (docs/design.md, "FLOPs")."""
+    from dataclasses import asdict
+
+    from seqbench.calc.memcalc import flops, human_tokens
+    from seqbench.formatting import fmt_count
+
+    presets, contexts = _presets_and_contexts(preset, context)
+    rows = [(p, flops(p, c)) for p in presets for c in contexts]
+    if json_out:
+        typer.echo(json.dumps([{**asdict(f), "title": p.title} for p, f in rows], indent=2))
+        return
+    _print_sections("FLOPs per token, batch 1 (2 per multiply-add; matmuls + attention/scan terms; "
+                    "MoE counts active experts)", ["context", "active params", "prefill /token", "decode /token"],
+                    [(p, [human_tokens(f.context), fmt_count(f.active_params),
+                          fmt_count(f.prefill_flops_per_token, "FLOP"), fmt_count(f.decode_flops_per_token, "FLOP")])
+                     for p, f in rows])
 
 
 def main() -> None:

@@ -15,8 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 
 from seqbench.messages import did_you_mean
 
-WORKLOADS = ("prefill", "decode", "train")
-DTYPES = ("float32", "bfloat16", "float16")
 LAYOUT_LETTERS = {"A": "attention", "M": "mamba", "D": "mamba2", "S": "s4d"}
 MIXER_KINDS = ("attention", "s4d", "mamba", "mamba2")
 MODEL_KINDS = (*MIXER_KINDS, "hybrid")
@@ -245,36 +243,22 @@ def _format_error(err: dict) -> str:
     return f"{path}: {msg}"
 
 
-def load_experiment(path: str | Path) -> Experiment:
+def read_yaml(path: str | Path) -> Any:
+    """The parsed YAML document at ``path``; ConfigError for a missing file or invalid YAML."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         where = ""
         mark = getattr(e, "problem_mark", None)
         if mark is not None:
             where = f" at line {mark.line + 1}, column {mark.column + 1}"
         raise ConfigError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', None) or e}") from None
-    return experiment_from_dict(raw, source=str(path))
 
 
-def experiment_from_dict(raw: Any, source: str = "<config>") -> Experiment:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping with keys name, models, sweep, ...")
-    try:
-        from seqbench.models.presets import apply_presets
-
-        raw = apply_presets(raw)
-        exp = Experiment.model_validate(raw)
-        if exp.match_params is not None:
-            from seqbench.matching import match_params
-
-            exp = match_params(exp)
-        return exp
-    except ValidationError as e:
-        lines = [_format_error(err) for err in e.errors()]
-        raise ConfigError(f"{source}: " + ("\n  ".join([""] + lines) if len(lines) > 1 else lines[0])) from None
-    except (KeyError, ValueError) as e:
-        raise ConfigError(f"{source}: {e.args[0] if e.args else e}") from None
+def validation_message(e: ValidationError, source: str) -> str:
+    """One message for every problem pydantic found, each naming its key path."""
+    lines = [_format_error(err) for err in e.errors()]
+    return f"{source}: " + ("\n  ".join([""] + lines) if len(lines) > 1 else lines[0])

@@ -1,6 +1,6 @@
 """The model contract shared by every mixer, the residual Block and the SeqModel stack.
 
-Mixer contract (DESIGN.md §2), with one addition: absolute positions are passed explicitly.
+Mixer contract (docs/design.md, "The mixer contract"), with one addition: absolute positions are passed explicitly.
 
 - ``forward(x, cache=None, start=0) -> y``: x (b, l, d) holds positions ``start .. start+l-1``.
   With a cache it is a prefill: it reads the state left by positions ``< start`` (when ``start > 0``)
@@ -18,26 +18,9 @@ bytes of K/V or of the recurrent state, with nothing else mixed in.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from torch import Tensor, nn
-
-
-class Mixer(Protocol):
-    impl_used: str
-
-    def forward(self, x: Tensor, cache: dict[str, Tensor] | None = None, start: int = 0) -> Tensor: ...
-
-    def step(self, x: Tensor, cache: dict[str, Tensor], pos: int) -> Tensor: ...
-
-    def allocate_cache(
-        self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str
-    ) -> dict[str, Tensor]: ...
-
-    def prefill_flops(self, seq_len: int) -> int: ...
-
-    def step_flops(self, context_len: int) -> int: ...
 
 
 class RMSNorm(nn.Module):
@@ -109,7 +92,7 @@ class ModelCache:
         return [t for layer in self.layers for t in layer.values()]
 
     def nbytes(self) -> int:
-        """Bytes of every tensor the model allocated for its cache (DESIGN §3: counted, not a formula)."""
+        """Bytes of every tensor the model allocated for its cache (counted, not a formula)."""
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
 

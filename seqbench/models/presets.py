@@ -37,8 +37,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from seqbench.archs import arch_names, did_you_mean, find_arch, model_fields
 from seqbench.messages import did_you_mean as _did_you_mean
+from seqbench.models.published import arch_names, did_you_mean, find_arch, model_fields
 
 KIND_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "attention": {

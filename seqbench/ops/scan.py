@@ -1,7 +1,5 @@
-"""Reference selective-scan ops of Mamba (Gu & Dao, 2023, "Mamba: Linear-Time Sequence Modeling with
-Selective State Spaces", Alg. 2) and the one-token state update shared by Mamba-1 and Mamba-2
-(Dao & Gu, 2024, "Transformers are SSMs", §7).
-
+"""Reference selective-scan ops of Mamba (Gu & Dao, 2023, "Mamba", Alg. 2) and the one-token state update
+shared by Mamba-1 and Mamba-2 (Dao & Gu, 2024, "Transformers are SSMs", §7).
 Discretisation (ZOH for A, Euler for B, as in the Mamba paper §2):
     Abar_t = exp(Δ_t A),   Bbar_t x_t = Δ_t B_t x_t,   h_t = Abar_t h_{t-1} + Δ_t B_t x_t,   y_t = C_t h_t.
 Everything is computed in float32 whatever the input dtype; outputs are cast back to the input dtype.

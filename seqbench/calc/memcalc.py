@@ -38,16 +38,11 @@ Gu & Dao 2023 (Mamba), Dao & Gu 2024 (Mamba-2), Lieber et al. 2024 (Jamba, Table
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import typer
-
-from seqbench.analysis import fmt_bytes, fmt_count
-from seqbench.archs import ArchPreset, resolve_presets
-from seqbench.messages import did_you_mean, fail
+from seqbench.models.published import ArchPreset
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # dtype of the SSM state as each of seqbench's mixers allocates it; None = the model dtype (as mamba_ssm does).
@@ -260,34 +255,6 @@ def human_tokens(n: int) -> str:
     return str(n)
 
 
-# ---- commands -----------------------------------------------------------------------------------------------
-
-
-def _parse(preset: list[str], context: str, dtype: str = "bfloat16") -> tuple[list[ArchPreset], list[int]]:
-    if dtype not in DTYPE_BYTES:
-        fail(f"--dtype '{dtype}' is not known{did_you_mean(dtype, DTYPE_BYTES)}; allowed: {', '.join(DTYPE_BYTES)}")
-    try:
-        return resolve_presets(preset), parse_contexts(context)
-    except ValueError as e:
-        fail(str(e))
-
-
-def _print_table(title: str, columns: list[str], rows: list[tuple[ArchPreset, list[str]]]):
-    """A rich table with one section per preset; returns the console for notes under it."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title, title_justify="left")
-    table.add_column("preset", no_wrap=True)
-    for col in columns:
-        table.add_column(col, justify="right", no_wrap=True)
-    for i, (p, cells) in enumerate(rows):
-        table.add_row(p.name, *cells, end_section=i + 1 < len(rows) and rows[i + 1][0] is not p)
-    console = Console()
-    console.print(table)
-    return console
-
-
 def plot_memory(presets: list[ArchPreset], contexts: list[int], batch: int, dtype: str, path: Path) -> None:
     """Total memory (solid) and cache alone (dashed) versus context, log-log, one colour per preset."""
     from matplotlib.figure import Figure  # lazy: matplotlib is only needed for --plot; Figure needs no pyplot state
@@ -312,59 +279,3 @@ def plot_memory(presets: list[ArchPreset], contexts: list[int], batch: int, dtyp
     fig.legend(loc="outside right upper", fontsize="small")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-
-
-def memory_cmd(
-    preset: list[str] = typer.Option(..., "--preset", "-p", help="preset name (repeatable, comma-separated, or 'all')"),
-    context: str = typer.Option(DEFAULT_CONTEXTS, "--context", "-c", help="contexts, e.g. 4k,32k,128k or 4096,1M"),
-    batch: int = typer.Option(1, "--batch", "-b", min=1, help="sequences held at once"),
-    dtype: str = typer.Option("bfloat16", "--dtype", help="dtype of weights, KV cache and conv state"),
-    json_out: bool = typer.Option(False, "--json", help="print exact bytes as JSON"),
-    plot: Path | None = typer.Option(None, "--plot", help="draw memory versus context into this image file"),
-) -> None:
-    """KV cache, recurrent state, parameters and total memory of published architectures (analytic)."""
-    presets, contexts = _parse(preset, context, dtype)
-    if plot is not None:
-        from matplotlib.backend_bases import FigureCanvasBase
-
-        if plot.suffix.lstrip(".").lower() not in FigureCanvasBase.get_supported_filetypes():
-            fail(f"--plot {plot}: use an image suffix such as .png, .svg or .pdf")
-    rows = [(p, memory(p, c, batch, dtype)) for p in presets for c in contexts]
-    if json_out:
-        typer.echo(json.dumps([{**m.as_dict(), "title": p.title, "ssm_state_dtype": {
-            k: ssm_state_dtype(k, dtype) for k in ("mamba", "mamba2") if p.count(k)}} for p, m in rows], indent=2))
-    else:
-        own = "".join(f"; {k} SSM state in {v}" for k, v in SSM_STATE_DTYPE.items() if v and v != dtype)
-        console = _print_table(
-            f"Memory, batch {batch}, {dtype} (analytic; activations excluded); state = SSM + conv state{own}",
-            ["context", "KV cache", "state", "weights", "total"],
-            [(p, [human_tokens(m.context), fmt_bytes(m.kv_cache_bytes), fmt_bytes(m.state_bytes),
-                  fmt_bytes(m.param_bytes), fmt_bytes(m.total_bytes)]) for p, m in rows])
-        for p in presets:
-            if p.moe is not None:
-                console.print(f"{p.name}: weights count all {p.moe.experts} experts of each mixture.", highlight=False)
-            if p.notes:
-                console.print(f"{p.name}: {p.notes}.", highlight=False)
-    if plot is not None:
-        try:
-            plot_memory(presets, contexts, batch, dtype, plot)
-        except OSError as e:  # e.g. an unwritable folder
-            fail(f"--plot {plot}: {e}")
-        typer.echo(f"wrote {plot}", err=True)
-
-
-def flops_cmd(
-    preset: list[str] = typer.Option(..., "--preset", "-p", help="preset name (repeatable, comma-separated, or 'all')"),
-    context: str = typer.Option(DEFAULT_CONTEXTS, "--context", "-c", help="contexts, e.g. 4k,32k,128k or 4096,1M"),
-    json_out: bool = typer.Option(False, "--json", help="print exact FLOP counts as JSON"),
-) -> None:
-    """Estimated FLOPs per token of prefill and decode at each context (formula: seqbench.memcalc docstring)."""
-    presets, contexts = _parse(preset, context)
-    rows = [(p, flops(p, c)) for p in presets for c in contexts]
-    if json_out:
-        typer.echo(json.dumps([{**asdict(f), "title": p.title} for p, f in rows], indent=2))
-        return
-    _print_table("FLOPs per token, batch 1 (an estimate: 2 per multiply-add; matmuls + attention/scan terms; "
-                 "MoE counts active experts)", ["context", "active params", "prefill /token", "decode /token"],
-                 [(p, [human_tokens(f.context), fmt_count(f.active_params), fmt_count(f.prefill_flops_per_token,
-                       "FLOP"), fmt_count(f.decode_flops_per_token, "FLOP")]) for p, f in rows])

@@ -16,17 +16,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from seqbench.analysis import (
-    STATUS_LABELS,
-    exponent_table,
-    fmt_bytes,
-    fmt_scaled,
-    load_meta,
-    load_run,
-    model_order,
-    ok_rows,
-    pick_unit,
-)
+from seqbench.analysis.fits import exponent_table
+from seqbench.analysis.runs import STATUS_LABELS, load_meta, load_run, model_order, ok_rows
+from seqbench.formatting import fmt_bytes, fmt_scaled, pick_unit
 
 FAIL_MARKERS = {"oom": "X", "oom_killed": "X", "timeout": "d", "error": "*", "skipped_after_oom": "x",
                 "skipped_after_timeout": "x"}

@@ -3,11 +3,12 @@
 import pytest
 import torch
 
-from seqbench.archs import arch_from_spec, arch_names, find_arch, get_arch, load_presets, model_fields
-from seqbench.config import ConfigError, ModelSpec, experiment_from_dict
-from seqbench.memcalc import param_count
+from seqbench.calc.memcalc import param_count
+from seqbench.config import ConfigError, ModelSpec
+from seqbench.experiment import experiment_from_dict
 from seqbench.models import build_model
 from seqbench.models.presets import apply_presets
+from seqbench.models.published import arch_from_spec, arch_names, find_arch, get_arch, load_presets, model_fields
 
 REQUIRED = ["llama-2-7b", "llama-2-70b", "llama-3-8b", "llama-3-70b", "mistral-7b", "mixtral-8x7b", "mamba-130m",
             "mamba-370m", "mamba-1.4b", "mamba-2.8b", "mamba2-2.7b", "falcon-mamba-7b", "jamba-v0.1"]

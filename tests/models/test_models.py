@@ -1,10 +1,10 @@
-"""The model contract (DESIGN §2) for every kind and a hybrid, through SeqModel: decode parity, chunked
+"""The model contract (docs/design.md) for every kind and a hybrid, through SeqModel: decode parity, chunked
 prefill parity, causality, cache bytes versus L, gradients and bf16."""
 
 import pytest
 import torch
 
-from seqbench.config import experiment_from_dict
+from seqbench.experiment import experiment_from_dict
 from seqbench.models import build_model
 
 SPECS = {

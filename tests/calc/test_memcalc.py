@@ -4,13 +4,13 @@ import json
 
 import pytest
 import torch
-import typer
 from typer.testing import CliRunner
 
-from seqbench import memcalc
-from seqbench.archs import arch_from_spec, arch_names, get_arch, model_fields
-from seqbench.config import ModelSpec, experiment_from_dict
+from seqbench.calc import memcalc
+from seqbench.config import ModelSpec
+from seqbench.experiment import experiment_from_dict
 from seqbench.models import build_model
+from seqbench.models.published import arch_from_spec, arch_names, get_arch, model_fields
 
 GiB = 1024**3
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -175,9 +175,8 @@ def test_parse_contexts():
 
 @pytest.fixture
 def cli():
-    app = typer.Typer()
-    app.command("memory")(memcalc.memory_cmd)
-    app.command("flops")(memcalc.flops_cmd)
+    from seqbench.cli import app
+
     runner = CliRunner()
     return lambda *args: runner.invoke(app, list(args))
 

@@ -1,13 +1,13 @@
 """Shape presets of published architectures (hyper-parameters only, no weights).
 
-The numbers live in ``seqbench/presets/archs.yaml``, one entry per model, each citing its paper and model
+The numbers live in ``seqbench/models/published.yaml``, one entry per model, each citing its paper and model
 card. This module loads them into :class:`ArchPreset` objects, answers per-layer questions (which mixer,
 dense MLP or mixture of experts) and converts between a preset and seqbench's own ``ModelSpec``:
 
 - :func:`model_fields` gives the ``ModelSpec`` fields that build the same layout with seqbench's mixers
   (used by ``apply_presets`` for ``{preset: jamba-v0.1, scale: ...}`` in run configs);
 - :func:`arch_from_spec` describes a ``ModelSpec`` as an ``ArchPreset`` so that the memory and FLOP
-  calculator (``seqbench.memcalc``) can be checked against models seqbench actually builds.
+  calculator (``seqbench.calc.memcalc``) can be checked against models seqbench actually builds.
 
 References: Touvron et al. 2023 (Llama 2), Grattafiori et al. 2024 (Llama 3), Jiang et al. 2023/2024
 (Mistral, Mixtral), Gu & Dao 2023 (Mamba), Dao & Gu 2024 (Mamba-2), Zuo et al. 2024 (Falcon Mamba),
@@ -26,7 +26,7 @@ import yaml
 
 from seqbench.messages import did_you_mean as _did_you_mean
 
-PRESET_FILE = Path(__file__).parent / "presets" / "archs.yaml"
+PRESET_FILE = Path(__file__).with_name("published.yaml")
 LETTER_KIND = {"A": "attention", "M": "mamba", "D": "mamba2"}
 KIND_LETTER = {v: k for k, v in LETTER_KIND.items()}
 SSM_NORMS = ("none", "weighted", "unweighted")

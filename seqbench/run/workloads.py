@@ -1,4 +1,4 @@
-"""Workloads: what is timed at one grid point (DESIGN.md §3).
+"""Workloads: what is timed at one grid point (docs/design.md, "Workloads").
 
 Each builder does its untimed set-up and returns a ``Workload``: the callable to time, the tokens one call
 processes and the FLOPs / bytes that call moves (for the roofline columns).

@@ -1,4 +1,4 @@
-"""Timers, sample statistics, peak-memory trackers and roofline calibration (DESIGN.md §3).
+"""Timers, sample statistics, the one-benchmark-at-a-time lock and peak-memory trackers (docs/design.md, "Measurement").
 
 CPU timing uses ``time.perf_counter``; CUDA timing uses CUDA events recorded on the current stream and read
 after a synchronize, so host-side launch overhead is not mistaken for kernel time. CPU peak memory comes from
@@ -10,7 +10,6 @@ torch's allocations and ``ru_maxrss`` cannot be reset, so neither is used.
 from __future__ import annotations
 
 import fcntl
-import functools
 import gc
 import math
 import os
@@ -218,40 +217,3 @@ class PeakMemory:
             self.peak_bytes = max(0, torch.cuda.max_memory_allocated() - self._base)
         else:
             self.peak_bytes = max(0, _proc_status_kib("VmHWM") * 1024 - self._base)
-
-
-def tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-# ---- roofline calibration -----------------------------------------------------------------------------
-
-
-def calibrate(
-    device: torch.device, dtype: torch.dtype = torch.float32, matmul_n: int = 2048, copy_mib: int = 256
-) -> dict:
-    """Measure peak dense matmul FLOP/s and memory bandwidth (copy: read + write) on ``device``.
-
-    Each figure is the best of several timed runs: it stands for what the hardware can reach, not a typical run.
-    """
-    clock = Clock(device)
-    policy = TimingPolicy(warmup=2, min_samples=5, max_samples=50, min_time_s=0.5)
-    a = torch.randn(matmul_n, matmul_n, device=device, dtype=dtype)
-    b = torch.randn(matmul_n, matmul_n, device=device, dtype=dtype)
-    _, samples = time_repeated(functools.partial(torch.mm, a, b), clock, policy)
-    peak_flops = 2 * matmul_n**3 / min(samples)
-    del a, b
-    n = copy_mib * 2**20 // 4
-    src = torch.empty(n, device=device, dtype=torch.float32).fill_(1.0)
-    dst = torch.empty_like(src)
-    _, samples = time_repeated(lambda: dst.copy_(src), clock, policy)
-    peak_bytes = 2 * n * 4 / min(samples)
-    return {
-        "device": str(device),
-        "dtype": str(dtype).removeprefix("torch."),
-        "threads": torch.get_num_threads(),
-        "matmul_n": matmul_n,
-        "peak_flops_per_s": peak_flops,
-        "copy_mib": copy_mib,
-        "peak_bytes_per_s": peak_bytes,
-    }

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from seqbench.config import experiment_from_dict
-from seqbench.measure import Clock, PeakMemory, TimingPolicy, quantile, summarize, time_repeated
+from seqbench.experiment import experiment_from_dict
 from seqbench.models import build_model
-from seqbench.sweep import plan_grid, prepare_run, run_sweep
+from seqbench.run.measure import Clock, PeakMemory, TimingPolicy, quantile, summarize, time_repeated
+from seqbench.run.sweep import plan_grid, prepare_run, run_sweep
 
 
 def test_summary_statistics_of_known_samples():
@@ -139,8 +139,8 @@ def test_worker_killed_by_sigkill_becomes_oom_killed_row():
     import threading
     import time
 
-    from seqbench.executors import ProcessExecutor
-    from seqbench.point import PointSpec
+    from seqbench.run.executors import ProcessExecutor
+    from seqbench.run.point import PointSpec
 
     exp = experiment_from_dict({
         "name": "killed", "device": "cpu", "threads": 1,

@@ -10,7 +10,7 @@ import multiprocessing as mp
 import os
 import signal
 
-from seqbench.point import PointSpec, base_row, build, run_point
+from seqbench.run.point import PointSpec, base_row, build, run_point
 
 
 class InlineExecutor:

@@ -9,18 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from seqbench.analysis import (
-    RunError,
-    crossovers,
-    exponent_table,
-    find_runs,
-    fit_exponent,
-    fmt_bytes,
-    fmt_metric,
-    load_run,
-    pivot,
-    t_quantile,
-)
+from seqbench.analysis.fits import crossovers, exponent_table, fit_exponent, t_quantile
+from seqbench.analysis.runs import RunError, find_runs, load_run, pivot
+from seqbench.formatting import fmt_bytes, fmt_metric
 
 POW2 = [2**k for k in range(8, 14)]  # 256 .. 8192
 

@@ -13,11 +13,11 @@ from conftest import ROOT
 from typer.testing import CliRunner
 
 from seqbench.cli import app
-from seqbench.config import load_experiment
-from seqbench.point import COLUMNS
-from seqbench.sweep import plan_grid
+from seqbench.experiment import load_experiment
+from seqbench.run.point import COLUMNS
+from seqbench.run.sweep import plan_grid
 
-DESIGN_COLUMNS = """run_id model kind layout impl_used device dtype threads workload batch seq_len new_tokens status
+DOCUMENTED_COLUMNS = """run_id model kind layout impl_used device dtype threads workload batch seq_len new_tokens status
 error n_samples first_call_s time_median_s time_p25_s time_p75_s time_min_s iqr_ratio noisy tokens_per_s
 latency_per_token_s cache_bytes peak_mem_bytes param_count param_bytes flops_per_token achieved_flops_per_s
 achieved_bytes_per_s""".split()
@@ -29,7 +29,7 @@ def _run_dir(base: Path) -> Path:
 
 
 def test_design_columns_are_all_present():
-    assert set(DESIGN_COLUMNS) <= set(COLUMNS)
+    assert set(DOCUMENTED_COLUMNS) <= set(COLUMNS)
 
 
 def test_smoke_config_runs_and_plots(tmp_path):
@@ -45,7 +45,7 @@ def test_smoke_config_runs_and_plots(tmp_path):
     assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
     with open(run / "results.csv") as f:
         header = next(csv.reader(f))
-    assert header[: len(DESIGN_COLUMNS)] == DESIGN_COLUMNS
+    assert header[: len(DOCUMENTED_COLUMNS)] == DOCUMENTED_COLUMNS
     result = runner.invoke(app, ["plot", str(run)])
     assert result.exit_code == 0, result.output
     pngs = list((run / "plots").glob("*.png"))

@@ -4,7 +4,8 @@ import pytest
 from typer.testing import CliRunner
 
 from seqbench.cli import app
-from seqbench.config import load_experiment, parse_seq_lens
+from seqbench.config import parse_seq_lens
+from seqbench.experiment import load_experiment
 
 GOOD = """
 name: t

@@ -19,11 +19,12 @@ import torch
 import yaml
 
 from seqbench.config import Experiment
-from seqbench.env import resolve_device, snapshot
-from seqbench.executors import EXECUTORS
-from seqbench.measure import calibrate, exclusive_machine
 from seqbench.models import DTYPES
-from seqbench.point import COLUMNS, PointSpec, base_row
+from seqbench.run.calibration import calibrate
+from seqbench.run.executors import EXECUTORS
+from seqbench.run.measure import exclusive_machine
+from seqbench.run.point import COLUMNS, PointSpec, base_row
+from seqbench.run.provenance import resolve_device, snapshot
 
 SKIP_AFTER = {"oom": "skipped_after_oom", "oom_killed": "skipped_after_oom", "timeout": "skipped_after_timeout"}
 Key = tuple[str, str, int, int]  # (model, workload, batch, seq_len)
@@ -180,11 +181,9 @@ def ordered_rows(state: SweepState) -> list[dict]:
     return [state.rows[k] for k in grid if k in state.rows]
 
 
-def write_tables(state: SweepState) -> Path:
-    """results.csv (DESIGN §6 columns first, in grid order) and summary.md, for whatever rows exist."""
+def write_results_csv(state: SweepState) -> Path:
+    """results.csv (the documented columns first, in grid order), for whatever rows exist."""
     import pandas as pd
-
-    from seqbench.summary import summary_markdown
 
     rows = ordered_rows(state)
     df = pd.DataFrame(rows, columns=list(COLUMNS) if not rows else None)
@@ -192,6 +191,4 @@ def write_tables(state: SweepState) -> Path:
     df = df.reindex(columns=list(COLUMNS) + extra)
     csv_path = state.run_dir / "results.csv"
     df.to_csv(csv_path, index=False)
-    total = len(plan_grid(state.exp))
-    (state.run_dir / "summary.md").write_text(summary_markdown(df, state.exp.name, total))
     return csv_path

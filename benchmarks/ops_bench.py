@@ -1,4 +1,4 @@
-"""Benchmark of the Mamba-1 reference ops on CPU: ``python -m seqbench.ops.bench`` (or ``seqbench bench-ops``).
+"""Benchmark of the Mamba-1 reference ops on CPU: ``python benchmarks/ops_bench.py`` (``make bench``).
 
 Three comparisons at float32, b=1, d_inner=512, d_state=16, L=4096 by default (Gu & Dao 2023, Mamba §3.3 on
 why the scan must not be computed step by step):

@@ -18,14 +18,14 @@ from functools import cached_property
 import torch
 
 from seqbench.config import Experiment, ModelSpec
-from seqbench.measure import Clock, PeakMemory, PointTimeout, TimingPolicy, summarize, time_repeated
 from seqbench.models import DTYPES, build_model
 from seqbench.models.base import SeqModel
-from seqbench.workloads import WORKLOADS
+from seqbench.run.measure import Clock, PeakMemory, PointTimeout, TimingPolicy, summarize, time_repeated
+from seqbench.run.workloads import WORKLOADS
 
 STATUSES = ("ok", "oom", "oom_killed", "timeout", "error", "skipped_after_oom", "skipped_after_timeout")
 
-MEASUREMENT_COLUMNS = (  # DESIGN §6 order, then seqbench's extras
+MEASUREMENT_COLUMNS = (  # docs/design.md column order, then the extras
     "n_samples", "first_call_s", "time_median_s", "time_p25_s", "time_p75_s", "time_min_s", "iqr_ratio", "noisy",
     "tokens_per_s", "latency_per_token_s", "cache_bytes", "peak_mem_bytes", "param_count", "param_bytes",
     "flops_per_token", "achieved_flops_per_s", "achieved_bytes_per_s",
