@@ -7,7 +7,8 @@ Mixer contract (docs/design.md, "The mixer contract"), with one addition: absolu
   and leaves the state after position ``start+l-1`` (SSMs) or the K/V of those positions (attention).
 - ``step(x, cache, pos) -> y``: x (b, 1, d) is the token at position ``pos``; updates ``cache`` in place.
 - ``allocate_cache(batch, max_len, dtype, device) -> dict[str, Tensor]``: allocated once, before timing.
-- ``prefill_flops(seq_len)``: forward FLOPs (2 per multiply-add) of one sequence of ``seq_len`` tokens;
+- ``prefill_flops(seq_len)``: forward FLOPs (2 per multiply-add) of one sequence of ``seq_len`` tokens that
+  leaves its cache (K/V written, final state kept), as serving's prefill does;
   ``step_flops(context_len)``: FLOPs of one decode step with ``context_len`` tokens already cached.
 - ``impl_used``: the label of the kernels this mixer runs (recorded on every result row).
 
@@ -94,6 +95,10 @@ class ModelCache:
     def nbytes(self) -> int:
         """Bytes of every tensor the model allocated for its cache (counted, not a formula)."""
         return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def dtype_label(self) -> str:
+        """The dtypes of the cache tensors, e.g. ``float32`` or ``bfloat16+float32`` (S4D state in float32)."""
+        return "+".join(dict.fromkeys(str(t.dtype).removeprefix("torch.") for t in self.tensors()))
 
 
 class SeqModel(nn.Module):
@@ -185,12 +190,27 @@ class SeqModel(nn.Module):
     def _head_flops(self) -> int:
         return 2 * self.d_model * self.vocab_size
 
+    def _block_token_flops(self) -> int:
+        return sum(b.extra_flops_per_token() for b in self.blocks)
+
     def prefill_flops(self, seq_len: int) -> int:
-        """Forward FLOPs of one sequence (batch 1) of seq_len tokens, all logits included."""
-        per_token = self._head_flops() + sum(b.extra_flops_per_token() for b in self.blocks)
-        return seq_len * per_token + sum(b.mixer.prefill_flops(seq_len) for b in self.blocks)
+        """FLOPs of one serving prefill (batch 1) of seq_len tokens: every layer over every token, the cache
+        written, and the LM head once, for the last position (the only logits a prefill returns)."""
+        mixers = sum(b.mixer.prefill_flops(seq_len) for b in self.blocks)
+        return seq_len * self._block_token_flops() + mixers + self._head_flops()
+
+    def forward_flops(self, seq_len: int) -> int:
+        """FLOPs of the full forward (batch 1) that training runs: logits at every position."""
+        return self.prefill_flops(seq_len) + (seq_len - 1) * self._head_flops()
 
     def step_flops(self, context_len: int) -> int:
         """FLOPs of one decode step (batch 1) with context_len tokens already cached."""
-        per_token = self._head_flops() + sum(b.extra_flops_per_token() for b in self.blocks)
-        return per_token + sum(b.mixer.step_flops(context_len) for b in self.blocks)
+        mixers = sum(b.mixer.step_flops(context_len) for b in self.blocks)
+        return self._block_token_flops() + mixers + self._head_flops()
+
+    def step_read_bytes(self, batch: int) -> int:
+        """Parameter bytes one decode step reads: every weight except the embedding table, of which it reads
+        one row per sequence. The cache it reads comes on top (see ModelCache.nbytes)."""
+        table = self.embed.weight
+        row_bytes = table.shape[1] * table.element_size()
+        return self.param_bytes() - table.numel() * table.element_size() + batch * row_bytes

@@ -237,12 +237,12 @@ class S4D(nn.Module):
 
     def prefill_flops(self, seq_len: int) -> int:
         """Kernel 2·d·N·L (the blocked Vandermonde matmul) + per channel three real FFTs of n = next_fast_len(2L−1)
-        at 2.5·n·log2(n) each, the spectral product 6·(n/2+1), the D skip 2·L, + output projection 4·d²·L.
-        Leaving the state in a cache adds another 2·d·N·L (not counted: a plain forward does not do it)."""
+        at 2.5·n·log2(n) each, the spectral product 6·(n/2+1), the D skip 2·L, + output projection 4·d²·L,
+        + the final state left in the cache, another 2·d·N·L (the transposed Vandermonde product)."""
         h, big_n, l = self.d_model, self.d_state, seq_len
         n = next_fast_len(2 * l - 1)
         fft = 3 * 2.5 * n * math.log2(max(n, 2)) + 6 * (n // 2 + 1) + 2 * l
-        return int(2 * h * big_n * l + h * fft + l * self._proj_flops())
+        return int(2 * 2 * h * big_n * l + h * fft + l * self._proj_flops())
 
     def step_flops(self, context_len: int) -> int:
         """Per channel and mode: h = dA·h + dB·u (10) and Re(C·h) summed (4); + D skip (3) per channel;

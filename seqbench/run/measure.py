@@ -1,10 +1,10 @@
 """Timers, sample statistics, the one-benchmark-at-a-time lock and peak-memory trackers (docs/design.md, "Measurement").
 
 CPU timing uses ``time.perf_counter``; CUDA timing uses CUDA events recorded on the current stream and read
-after a synchronize, so host-side launch overhead is not mistaken for kernel time. CPU peak memory comes from
-the kernel's own high-water mark: write ``5`` to ``/proc/self/clear_refs`` (resets VmHWM to the current RSS),
-run, then read ``VmHWM`` minus the baseline ``VmRSS`` from ``/proc/self/status``. tracemalloc does not see
-torch's allocations and ``ru_maxrss`` cannot be reset, so neither is used.
+after a synchronize, so host-side launch overhead is not mistaken for kernel time. ``PeakMemory`` is the
+process view (the ``peak_rss_bytes`` column): the kernel's own high-water mark, after writing ``5`` to
+``/proc/self/clear_refs`` (resets VmHWM to the current RSS), minus the baseline ``VmRSS``. It depends on what
+glibc kept from earlier points; the workload's own peak (``peak_mem_bytes``) is counted in seqbench/run/memory.py.
 """
 
 from __future__ import annotations
@@ -100,21 +100,34 @@ class TimingPolicy:
     min_time_s: float = 0.5
 
 
-def time_repeated(
-    fn: Callable[[], object], clock: Clock, policy: TimingPolicy, deadline: float = math.inf
-) -> tuple[float, list[float]]:
-    """Warm up (the first call is returned separately as first_call_s), then sample until both
-    ``min_samples`` and ``min_time_s`` are reached (or ``max_samples``). Raises PointTimeout past ``deadline``."""
+def warm_up(fn: Callable[[], object], clock: Clock, calls: int, deadline: float = math.inf) -> float | None:
+    """Make ``calls`` untimed calls; return the first one's time (first_call_s), or None when there are none."""
     clock.sync()
-    first_call_s = clock.time(fn)
-    for _ in range(max(0, policy.warmup - 1)):
+    first_call_s = None
+    for i in range(calls):
         _check(deadline)
-        clock.time(fn)
+        t = clock.time(fn)
+        first_call_s = t if i == 0 else first_call_s
+    return first_call_s
+
+
+def sample(fn: Callable[[], object], clock: Clock, policy: TimingPolicy, deadline: float = math.inf) -> list[float]:
+    """Time calls until both ``min_samples`` and ``min_time_s`` are reached (or ``max_samples``).
+    Raises PointTimeout past ``deadline``."""
+    clock.sync()
     samples: list[float] = []
     while len(samples) < policy.max_samples and (len(samples) < policy.min_samples or sum(samples) < policy.min_time_s):
         _check(deadline)
         samples.append(clock.time(fn))
-    return first_call_s, samples
+    return samples
+
+
+def time_repeated(
+    fn: Callable[[], object], clock: Clock, policy: TimingPolicy, deadline: float = math.inf
+) -> tuple[float | None, list[float]]:
+    """``policy.warmup`` untimed calls (the first one's time returned as first_call_s), then ``sample``."""
+    first_call_s = warm_up(fn, clock, policy.warmup, deadline)
+    return first_call_s, sample(fn, clock, policy, deadline)
 
 
 def _check(deadline: float) -> None:

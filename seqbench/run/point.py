@@ -20,7 +20,8 @@ import torch
 from seqbench.config import Experiment, ModelSpec
 from seqbench.models import DTYPES, build_model
 from seqbench.models.base import SeqModel
-from seqbench.run.measure import Clock, PeakMemory, PointTimeout, TimingPolicy, summarize, time_repeated
+from seqbench.run.measure import Clock, PeakMemory, PointTimeout, TimingPolicy, sample, summarize, warm_up
+from seqbench.run.memory import available_bytes, peak_call_bytes
 from seqbench.run.workloads import WORKLOADS
 
 STATUSES = ("ok", "oom", "oom_killed", "timeout", "error", "skipped_after_oom", "skipped_after_timeout")
@@ -30,6 +31,7 @@ MEASUREMENT_COLUMNS = (  # docs/design.md column order, then the extras
     "tokens_per_s", "latency_per_token_s", "cache_bytes", "peak_mem_bytes", "param_count", "param_bytes",
     "flops_per_token", "achieved_flops_per_s", "achieved_bytes_per_s",
     "time_p90_s", "latency_p90_s", "param_count_non_embedding", "frac_peak_flops", "frac_peak_bytes",
+    "peak_rss_bytes", "cache_dtype", "remeasure_rounds",
 )
 COLUMNS = (
     "run_id", "model", "kind", "layout", "impl_used", "device", "dtype", "threads", "workload", "batch", "seq_len",
@@ -72,9 +74,20 @@ def base_row(spec: PointSpec, status: str, error: str | None = None) -> dict:
     return row
 
 
+class ParamsExceedMemory(MemoryError):
+    """The parameters alone need more memory than the device has free: the model is not built."""
+
+
 def build(spec: PointSpec) -> SeqModel:
+    """Build the point's model; first check, on the meta device (no memory), that its parameters fit."""
+    dtype = DTYPES[spec.exp.dtype]
+    need = build_model(spec.model_spec.model_copy(update={"impl": "ref"}), device="meta", dtype=dtype).param_bytes()
+    limit = spec.exp.measure.memory_limit_gb
+    free = available_bytes(torch.device(spec.device), None if limit is None else int(limit * 2**30))
+    if free is not None and need > free:
+        raise ParamsExceedMemory(f"the parameters alone need {need:,} bytes; {free:,} bytes are available")
     torch.manual_seed(spec.exp.seed)  # every model gets the same seed, whatever the order it is built in
-    return build_model(spec.model_spec, device=spec.device, dtype=DTYPES[spec.exp.dtype])
+    return build_model(spec.model_spec, device=spec.device, dtype=dtype)
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -123,14 +136,21 @@ def alarm(timeout_s: float):
         signal.signal(signal.SIGALRM, previous)
 
 
-def run_point(spec: PointSpec, model: SeqModel | None = None) -> dict:
-    """Measure one point and return its row. Never raises for a failure of the point itself."""
+def run_point(spec: PointSpec, models: dict[str, SeqModel] | None = None) -> dict:
+    """Measure one point and return its row. Never raises for a failure of the point itself.
+
+    Building the model counts against the point's timeout. ``models`` (inline executor) keeps built models by
+    name so the next length of the same model reuses them."""
     exp = spec.exp
     ms = exp.measure
     t_start = time.monotonic()
     try:
         with memory_cap(ms.memory_limit_gb), alarm(ms.timeout_s):
-            model = model if model is not None else build(spec)
+            model = None if models is None else models.get(spec.model)
+            if model is None:
+                model = build(spec)
+                if models is not None:
+                    models[spec.model] = model
             return _measure(spec, exp, model, deadline=t_start + ms.timeout_s)
     except PointTimeout as e:
         return base_row(spec, "timeout", str(e))
@@ -146,16 +166,23 @@ def _measure(spec: PointSpec, exp: Experiment, model: SeqModel, deadline: float)
     device = torch.device(spec.device)
     ms = exp.measure
     clock = Clock(device)
-    opts = {"new_tokens": exp.sweep.new_tokens, "warmup": ms.warmup, "prefill_chunk": ms.prefill_chunk}
-    with PeakMemory(device) as mem:
+    opts = {"prefill_chunk": ms.prefill_chunk}
+    with PeakMemory(device) as rss:
         workload = WORKLOADS[spec.workload](model, spec.batch, spec.seq_len, device, exp.seed, **opts)
         if workload.per_step:
             # decode: exclude the untimed prefill's transient; the cache stays counted (allocated above baseline)
-            mem.reset_peak()
+            rss.reset_peak()
             policy = TimingPolicy(ms.warmup, exp.sweep.new_tokens, exp.sweep.new_tokens, 0.0)
         else:
             policy = TimingPolicy(ms.warmup, ms.min_samples, ms.max_samples, ms.min_time_s)
-        first_call_s, samples = time_repeated(workload.call, clock, policy, deadline)
+        first_call_s = warm_up(workload.call, clock, policy.warmup, deadline)
+        if policy.warmup == 0:
+            workload.call()  # one-time set-up of a first call (e.g. S4D's step memo) is not the workload's peak
+        # One extra, untimed call under the live-tensor tracker: the workload's peak. The cache was allocated
+        # before the call and stays live through it, so it is added back.
+        held = workload.cache.nbytes() if workload.cache is not None else 0
+        peak_mem_bytes = held + peak_call_bytes(workload.call, device)
+        samples = sample(workload.call, clock, policy, deadline)
     stats = summarize(samples)
     row = base_row(spec, "ok")
     row.update(stats.as_row())
@@ -170,7 +197,9 @@ def _measure(spec: PointSpec, exp: Experiment, model: SeqModel, deadline: float)
         latency_per_token_s=t if workload.per_step else None,
         latency_p90_s=stats.time_p90_s if workload.per_step else None,
         cache_bytes=workload.cache_bytes,
-        peak_mem_bytes=mem.peak_bytes,
+        cache_dtype=workload.cache.dtype_label() if workload.cache is not None else None,
+        peak_mem_bytes=peak_mem_bytes,
+        peak_rss_bytes=rss.peak_bytes,
         param_count=model.num_params(),
         param_count_non_embedding=model.num_params(non_embedding=True),
         param_bytes=model.param_bytes(),
@@ -179,5 +208,6 @@ def _measure(spec: PointSpec, exp: Experiment, model: SeqModel, deadline: float)
         achieved_bytes_per_s=bytes_per_s,
         frac_peak_flops=flops_per_s / cal["peak_flops_per_s"] if cal.get("peak_flops_per_s") else None,
         frac_peak_bytes=bytes_per_s / cal["peak_bytes_per_s"] if cal.get("peak_bytes_per_s") and bytes_per_s else None,
+        remeasure_rounds=0,
     )
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}

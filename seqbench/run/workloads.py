@@ -1,11 +1,14 @@
 """Workloads: what is timed at one grid point (docs/design.md, "Workloads").
 
 Each builder does its untimed set-up and returns a ``Workload``: the callable to time, the tokens one call
-processes and the FLOPs / bytes that call moves (for the roofline columns).
+processes, the FLOPs / bytes that call moves (for the roofline columns) and the cache it holds.
 
-- prefill: one forward over b×L tokens in inference mode, returning last-position logits (what serving does).
-- decode:  allocate the cache for L + warmup + new_tokens positions, prefill L context tokens (untimed), then
-           each call is ONE step; exactly ``new_tokens`` steps are timed, each separately.
+- prefill: serving's prefill. The cache for seq_len positions is allocated once, before timing; every call
+           overwrites it from position 0 (K/V written, final SSM state kept) and returns the last position's
+           logits. ``prefill_chunk`` feeds the prompt through the whole stack in chunks of that many tokens.
+- decode:  allocate the cache for L + 1 positions and prefill L context tokens (untimed); every call is ONE
+           step at context L (the position is rewound to L before each, so the cache never fills, whatever
+           warmup and new_tokens are); exactly ``new_tokens`` steps are timed, each separately.
 - train:   forward + backward of a next-token cross-entropy loss over b×L tokens (no optimizer step).
 """
 
@@ -25,10 +28,10 @@ class Workload:
     call: Callable[[], object]
     tokens_per_call: int
     flops_per_call: int
-    bytes_per_call: int | None = None  # bytes that must be read per call (decode: params + cache)
+    bytes_per_call: int | None = None  # bytes that must be read per call (decode: weights read + cache)
     per_step: bool = False  # True: a fixed number of calls, each one decode step
-    cache: ModelCache | None = None
-    cache_bytes: int | None = None  # decode: bytes of the cache at the context length
+    cache: ModelCache | None = None  # allocated before timing; live during every call
+    cache_bytes: int | None = None  # bytes of the cache at the context length (seq_len positions)
 
 
 def _tokens(model: SeqModel, batch: int, length: int, device: torch.device, seed: int) -> torch.Tensor:
@@ -40,32 +43,34 @@ def prefill(model: SeqModel, batch: int, seq_len: int, device: torch.device, see
     tokens = _tokens(model, batch, seq_len, device, seed)
     chunk = opts.get("prefill_chunk")
     model.eval()
+    cache = model.allocate_cache(batch, seq_len, device=device)
 
     def call() -> torch.Tensor:
+        cache.seqlen = 0  # every call is a fresh prompt, written over the previous one
         with torch.inference_mode():
-            return model.prefill(tokens, chunk_len=chunk)
+            return model.prefill(tokens, cache, chunk_len=chunk)  # (b, vocab)
 
-    return Workload(call, batch * seq_len, batch * model.prefill_flops(seq_len))
+    return Workload(call, batch * seq_len, batch * model.prefill_flops(seq_len), cache=cache,
+                    cache_bytes=cache.nbytes())
 
 
 def decode(model: SeqModel, batch: int, seq_len: int, device: torch.device, seed: int, **opts) -> Workload:
-    new_tokens, warmup = opts["new_tokens"], opts.get("warmup", 0)
     model.eval()
     context = _tokens(model, batch, seq_len, device, seed)
-    steps = _tokens(model, batch, warmup + new_tokens, device, seed + 1)
-    cache = model.allocate_cache(batch, seq_len + warmup + new_tokens, device=device)
+    token = _tokens(model, batch, 1, device, seed + 1)
+    cache = model.allocate_cache(batch, seq_len + 1, device=device)
     with torch.inference_mode():
         model.prefill(context, cache, chunk_len=opts.get("prefill_chunk"))
 
     def call() -> torch.Tensor:
-        i = cache.seqlen - seq_len
+        cache.seqlen = seq_len  # each step is the one at context seq_len (its K/V slot is overwritten)
         with torch.inference_mode():
-            return model.step(steps[:, i : i + 1], cache)
+            return model.step(token, cache)  # (b, vocab)
 
     # The bytes the model allocates to hold exactly seq_len positions: the same allocation code, on the meta
-    # device (no memory). The timed cache is larger by the warmup + new_tokens positions it still has to fill.
+    # device (no memory). The timed cache has one more position, the slot each step writes.
     cache_bytes = model.allocate_cache(batch, seq_len, device="meta").nbytes()
-    bytes_per_step = model.param_bytes() + cache_bytes
+    bytes_per_step = model.step_read_bytes(batch) + cache_bytes
     return Workload(call, batch, batch * model.step_flops(seq_len), bytes_per_step, per_step=True, cache=cache,
                     cache_bytes=cache_bytes)
 
@@ -81,7 +86,7 @@ def train(model: SeqModel, batch: int, seq_len: int, device: torch.device, seed:
         model.zero_grad(set_to_none=True)
 
     # backward costs about twice the forward (one matmul for input grads, one for weight grads)
-    return Workload(call, batch * seq_len, 3 * batch * model.prefill_flops(seq_len))
+    return Workload(call, batch * seq_len, 3 * batch * model.forward_flops(seq_len))
 
 
 WORKLOADS: dict[str, Callable[..., Workload]] = {"prefill": prefill, "decode": decode, "train": train}
