@@ -29,27 +29,34 @@ class _Strict(BaseModel):
 
 
 def parse_seq_lens(value: Any) -> list[int]:
-    """``[256, 512]`` or ``"256..8192 x2"`` (geometric) or ``"1000..4000 +1000"`` (arithmetic)."""
+    """``[256, 512]`` or ``"256..8192 x2"`` (geometric) or ``"1000..4000 +1000"`` (arithmetic).
+
+    A geometric factor may be fractional (``"2048..16384 x1.41421356"``: √2 steps); each length is
+    START·FACTOR^k rounded to the nearest integer, so rounding never accumulates."""
     if isinstance(value, int) and not isinstance(value, bool):
         return [value]
     if isinstance(value, list):
         return value
     if not isinstance(value, str):
         raise ValueError("must be a list of integers or a range string like '256..8192 x2'")
-    m = re.fullmatch(r"\s*(\d+)\s*\.\.\s*(\d+)\s*(?:([x+*])\s*(\d+))?\s*", value)
+    m = re.fullmatch(r"\s*(\d+)\s*\.\.\s*(\d+)\s*(?:([x+*])\s*(\d+(?:\.\d*)?))?\s*", value)
     if not m:
         raise ValueError(f"bad range '{value}': use 'START..STOP xFACTOR' (e.g. '256..8192 x2') or 'START..STOP +STEP'")
     start, stop = int(m[1]), int(m[2])
-    op, k = m[3] or "x", int(m[4] or 2)
+    op, k = m[3] or "x", float(m[4] or 2)
     if start <= 0 or stop < start:
         raise ValueError(f"bad range '{value}': need 0 < START <= STOP")
-    if (op in "x*" and k < 2) or (op == "+" and k < 1):
-        raise ValueError(f"bad range '{value}': the factor must be >= 2 (or the step >= 1)")
-    out, n = [], start
-    while n <= stop:
+    if op == "+" and (k < 1 or k != int(k)):
+        raise ValueError(f"bad range '{value}': the step must be a whole number >= 1")
+    if op in "x*" and round(start * k) <= start:
+        raise ValueError(f"bad range '{value}': the factor must make START grow (got {m[4]})")
+    if op == "+":
+        return list(range(start, stop + 1, int(k)))
+    out, i = [], 0
+    while (n := round(start * k**i)) <= stop:
         out.append(n)
-        n = n * k if op in "x*" else n + k
-    return out
+        i += 1
+    return list(dict.fromkeys(out))
 
 
 class ModelSpec(_Strict):
@@ -78,6 +85,8 @@ class ModelSpec(_Strict):
     dt_min: float = Field(0.001, gt=0, description="range of the initial step size Δ (Mamba, Mamba-2, S4D)")
     dt_max: float = Field(0.1, gt=0)
     s4d_init: Literal["lin", "inv"] = Field("lin", description="S4D-Lin or S4D-Inv initialisation of A")
+    state_dtype: Literal["float32", "model"] = Field(
+        "float32", description="S4D's recurrent state: float32 (stable over long decodes) or the model dtype")
     # hybrid: a pattern of letters (A attention, M mamba, D mamba2, S s4d) or kind names, tiled to n_layers
     layout: Union[str, list[str], None] = None
 
@@ -165,6 +174,8 @@ class MeasureSpec(_Strict):
     memory_limit_gb: Annotated[float, Field(gt=0)] | None = None
     prefill_chunk: PositiveInt | None = Field(None, description="feed prompts in chunks of this many tokens")
     calibrate: bool = True
+    remeasure: Annotated[int, Field(ge=0)] = Field(
+        2, description="after the grid, measure points flagged noisy again, up to this many rounds")
 
 
 class MatchSpec(_Strict):
@@ -249,7 +260,10 @@ def read_yaml(path: str | Path) -> Any:
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                          "save the file as UTF-8") from None
     except yaml.YAMLError as e:
         where = ""
         mark = getattr(e, "problem_mark", None)

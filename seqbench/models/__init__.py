@@ -52,8 +52,9 @@ def _mamba2(spec: ModelSpec, device, dtype) -> nn.Module:
 def _s4d(spec: ModelSpec, device, dtype) -> nn.Module:
     from seqbench.models.s4 import S4D
 
+    state_dtype = torch.float32 if spec.state_dtype == "float32" else None  # None: the model dtype
     return S4D(spec.d_model, d_state=spec.d_state or 64, dt_min=spec.dt_min, dt_max=spec.dt_max, init=spec.s4d_init,
-               impl=spec.impl, device=device, dtype=dtype)
+               impl=spec.impl, state_dtype=state_dtype, device=device, dtype=dtype)
 
 
 MIXERS: dict[str, Callable[[ModelSpec, torch.device | str, torch.dtype], nn.Module]] = {

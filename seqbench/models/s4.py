@@ -23,10 +23,11 @@ Layer: y = K * u + D·u (``fft_conv``, O(L log L)) -> GELU -> Linear(d, 2d) -> G
 reference design. There is no input projection (the block's norm feeds the SSM directly).
 
 Precision: the SSM part (discretisation, kernel, FFT, state) is computed in float32 whatever the model dtype;
-parameters are stored in the model dtype. The recurrent state is always float32, stored as the real view
-(b, d, N/2, 2) of a complex64 (b, d, N/2) tensor, even for bf16 models, because a bf16 state would drift
-over a million decode steps. The model is time-invariant, so ``step`` reuses dA, dB between calls (recomputed
-whenever a parameter changes).
+parameters are stored in the model dtype. The recurrent state is stored as the real view (b, d, N/2, 2) of a
+complex (b, d, N/2) tensor, by default in float32 even for bf16 models because a bf16 state would drift over a
+million decode steps; ``state_dtype=None`` keeps it in the model dtype instead (config ``state_dtype: model``),
+as Mamba and Mamba-2 do, so cache bytes can be compared like for like (each row records ``cache_dtype``).
+The model is time-invariant, so ``step`` reuses dA, dB between calls (recomputed whenever a parameter changes).
 """
 
 from __future__ import annotations
@@ -136,6 +137,7 @@ class S4D(nn.Module):
         init: str = "lin",
         dropout: float = 0.0,
         impl: str = "auto",
+        state_dtype: torch.dtype | None = torch.float32,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
@@ -159,6 +161,7 @@ class S4D(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.out_proj = nn.Linear(d_model, 2 * d_model, **kw)
         self._fft_conv, self.impl_used = get("fft_conv", impl, device or "cpu")
+        self.state_dtype = state_dtype  # None: the dtype allocate_cache is given (the model's)
         self._step_memo: tuple | None = None
 
     # --- the SSM in float32 -----------------------------------------------------------------------
@@ -207,29 +210,34 @@ class S4D(nn.Module):
         u = x.transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format).contiguous()  # (b, d, l)
         y = self._fft_conv(u, vandermonde(C * dB, dtA, l), self.D.float())  # (b, d, l)
         if cache is not None:
-            state = torch.view_as_complex(cache["state"][:b])  # (b, d, n2), shares memory with the cache
+            buf = cache["state"][:b]  # (b, d, n2, re/im) in the state dtype
             new_state = dB * vandermonde_transpose(u.flip(-1), dtA)  # Σ_k dA^(l-1-k) dB u_k
             if start > 0:
-                h0 = state.clone()
+                h0 = torch.view_as_complex(buf.to(torch.float32, copy=True))  # (b, d, n2)
                 y = y + vandermonde(C * dA * h0, dtA, l)  # 2·Re Σ_n C_n dA_n^(k+1) h0_n
                 new_state = new_state + _cexp(dtA * l) * h0
-            state.copy_(new_state.detach())
+            buf.copy_(torch.view_as_real(new_state.detach()))
         return self._output(y.transpose(1, 2), x.dtype)
 
     def step(self, x: Tensor, cache: dict[str, Tensor], pos: int) -> Tensor:
         b = x.shape[0]
         _, dA, dB, C = self._discretized_for_step()
         u = x[:, 0].float()  # (b, d)
-        state = torch.view_as_complex(cache["state"][:b])  # (b, d, n2), updated in place
+        buf = cache["state"][:b]  # (b, d, n2, re/im) in the state dtype
+        state = torch.view_as_complex(buf.float())  # (b, d, n2); a float32 state is a view, updated in place
         state.mul_(dA.detach()).add_((dB * u[:, :, None]).detach())  # decode state carries no gradient
+        if buf.dtype != torch.float32:
+            buf.copy_(torch.view_as_real(state))  # rounded to the model dtype, as the config asked
         y = 2 * (C * state).real.sum(-1) + self.D.float() * u  # (b, d)
         return self._output(y[:, None], x.dtype)  # (b, 1, d)
 
     def allocate_cache(
         self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str
     ) -> dict[str, Tensor]:
-        """The state (b, d, N/2, re/im) in float32 whatever ``dtype`` is; its size does not depend on max_len."""
-        return {"state": torch.zeros(batch, self.d_model, self.n_modes, 2, dtype=torch.float32, device=device)}
+        """The state (b, d, N/2, re/im) in ``state_dtype`` (float32 unless set to None: then ``dtype``); its size
+        does not depend on max_len."""
+        state_dtype = self.state_dtype or dtype
+        return {"state": torch.zeros(batch, self.d_model, self.n_modes, 2, dtype=state_dtype, device=device)}
 
     # --- accounting (2 FLOPs per multiply-add; elementwise activations and exps not counted) -------
     def _proj_flops(self) -> int:

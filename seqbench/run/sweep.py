@@ -3,6 +3,10 @@
 Order: for each workload and batch, lengths ascend; within a length the models alternate direction
 (A B C, then C B A) so slow drift of the machine is not confounded with architecture. After an OOM or a
 timeout, the larger lengths of that (model, workload, batch) series are recorded as skipped, never missing.
+After the grid, points flagged noisy are measured again, in grid order, up to ``measure.remeasure`` rounds.
+
+points.jsonl is append-only: a re-measured point is appended again, and the later line for a key wins
+everywhere it is read (resume, results.csv, plots).
 """
 
 from __future__ import annotations
@@ -153,27 +157,45 @@ def _run_sweep(state: SweepState, on_start, on_done) -> list[dict]:
     def _on_term(signum, frame):
         raise KeyboardInterrupt
 
+    def spec_of(key: Key) -> PointSpec:
+        return PointSpec(run_id, resolved, *key, str(device), calibration)
+
     previous = signal.signal(signal.SIGTERM, _on_term)
     try:
         for key in grid:
             if key in state.rows:
                 continue
-            model, workload, batch, seq_len = key
-            spec = PointSpec(run_id, resolved, model, workload, batch, seq_len, str(device), calibration)
             if on_start:
                 on_start(key, done, len(grid))
-            skip = state.failed_series(key)
+            spec, skip = spec_of(key), state.failed_series(key)
             row = base_row(spec, skip, "a shorter length of this series failed") if skip else executor.run(spec)
             state.record(row)
             done += 1
             if on_done:
                 on_done(key, row, done, len(grid))
+        for round_ in range(1, exp.measure.remeasure + 1):
+            for key in [k for k in grid if needs_remeasure(state.rows.get(k), round_)]:  # grid order: interleaved
+                if on_start:
+                    on_start(key, done, len(grid))
+                state.record(better_of(state.rows[key], executor.run(spec_of(key)), round_))
     except KeyboardInterrupt:
         raise Interrupted from None
     finally:
         signal.signal(signal.SIGTERM, previous)
         executor.close()
     return ordered_rows(state)
+
+
+def needs_remeasure(row: dict | None, round_: int) -> bool:
+    """A measured point still flagged noisy that has had fewer than ``round_`` re-measurements."""
+    return bool(row and row["status"] == "ok" and row.get("noisy") and (row.get("remeasure_rounds") or 0) < round_)
+
+
+def better_of(old: dict, new: dict, round_: int) -> dict:
+    """The less noisy of two measurements of one point (smaller IQR/median), marked with the rounds taken.
+    A re-measurement that failed (e.g. timed out on a loaded machine) never replaces a measured row."""
+    keep = new if new["status"] == "ok" and new["iqr_ratio"] <= old["iqr_ratio"] else old
+    return {**keep, "remeasure_rounds": round_}
 
 
 def ordered_rows(state: SweepState) -> list[dict]:
