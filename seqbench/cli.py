@@ -213,7 +213,11 @@ def calibrate(
 
 
 @app.command("plot")
-def plot_cmd(path: Path = typer.Argument(..., help="a run folder, or a folder of runs (e.g. results/)")) -> None:
+def plot_cmd(
+    path: Path = typer.Argument(..., help="a run folder, or a folder of runs (e.g. results/)"),
+    fit_from: int | None = typer.Option(None, "--fit-from", min=1,
+                                        help="fit exponents on L >= this (default: the top three octaves)"),
+) -> None:
     """Figures, report.md and report.html for a run folder (or each run in a folder); prints the key tables."""
     from seqbench.analysis.report import analyse_run, make_report
     from seqbench.analysis.runs import RunError, find_runs
@@ -226,7 +230,7 @@ def plot_cmd(path: Path = typer.Argument(..., help="a run folder, or a folder of
     written = 0
     for run_dir in runs:
         try:
-            analysed = analyse_run(run_dir)
+            analysed = analyse_run(run_dir, fit_from)
             report = make_report(run_dir, analysed)
         except RunError as e:
             err.print(f"[yellow]skipped[/] {escape(str(e))}", highlight=False)

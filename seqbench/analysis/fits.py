@@ -2,7 +2,8 @@
 
 Scaling exponents follow the usual empirical-complexity recipe (Goldsmith, Aiken & Wilkerson,
 "Measuring empirical computational complexity", FSE 2007): fit ``log cost = k log L + c`` by OLS, but only
-on the largest measured lengths, because lower-order terms dominate small inputs. For attention, prefill
+on the lengths from a fit start on (default: the top three octaves), because lower-order terms dominate
+small inputs. For attention, prefill
 time is ``a L + b L^2`` (Vaswani et al. 2017; Dao et al., FlashAttention 2022) and the global slope sits
 between 1 and 2; the local slopes between adjacent lengths show whether the largest lengths have reached
 the asymptotic regime. SSMs (S4: Gu et al. 2022; Mamba: Gu & Dao 2023; Mamba-2: Dao & Gu 2024) are linear
@@ -82,16 +83,24 @@ class ExponentFit:
         return " ".join(f"{s:+.2f}" for _, _, s in self.local_slopes)
 
 
-def fit_exponent(
-    lengths: Sequence[float], values: Sequence[float], min_points: int = 4, min_span: float = 8.0,
-    agree_tol: float = 0.1, level: float = 0.95, largest: bool = True,
-) -> ExponentFit:
-    """Log-log OLS slope of ``values`` against ``lengths``.
+FIT_OCTAVES = 3  # default fit start: the top three octaves of the measured lengths, L >= max L / 2**3
 
-    With ``largest`` the fit uses the smallest set of the largest lengths holding >= ``min_points`` points that
-    span >= ``min_span`` x; ``largest=False`` fits every point (the global slope). ``asymptotic`` is set only
-    when all local slopes inside the fitted range agree within ``agree_tol``. Non-positive or missing values
-    are dropped; repeated lengths are averaged in log space.
+
+def fit_start(lengths: Sequence[float], fit_from: float | None = None) -> float:
+    """The smallest length a fit uses: ``fit_from`` if given, else the top FIT_OCTAVES octaves."""
+    return fit_from if fit_from is not None else max(lengths) / 2**FIT_OCTAVES
+
+
+def fit_exponent(
+    lengths: Sequence[float], values: Sequence[float], fit_from: float | None = None, min_points: int = 4,
+    agree_tol: float = 0.1, level: float = 0.95,
+) -> ExponentFit:
+    """Log-log OLS slope of ``values`` against ``lengths``, on every length >= the fit start.
+
+    The fit start is ``fit_from`` (0: every point, the global slope), by default the top three octaves of the
+    measured lengths: enough lengths for a CI with several degrees of freedom, few enough that lower-order
+    terms have faded. ``asymptotic`` is set only when all local slopes inside the fitted range agree within
+    ``agree_tol``. Non-positive or missing values are dropped; repeated lengths are averaged in log space.
     """
     x = np.asarray(lengths, dtype=float)
     y = np.asarray(values, dtype=float)
@@ -101,12 +110,9 @@ def fit_exponent(
     lx = np.log(xs)
     local = [(float(xs[i]), float(xs[i + 1]), float((ly[i + 1] - ly[i]) / (lx[i + 1] - lx[i])))
              for i in range(len(lx) - 1)]
-    start = None
-    if len(lx) >= min_points:
-        candidates = range(len(lx) - min_points, -1, -1) if largest else [0]
-        start = next((k for k in candidates if lx[-1] - lx[k] >= math.log(min_span) - 1e-12), None)
-    if start is None:
-        return ExponentFit("too few points", n_points=len(lx), local_slopes=local)
+    start = int(np.searchsorted(xs, fit_start(xs, fit_from) * (1 - 1e-9))) if len(xs) else 0
+    if len(xs) - start < min_points:
+        return ExponentFit("too few points", n_points=len(xs) - start, local_slopes=local)
     fx, fy = lx[start:], ly[start:]
     n = len(fx)
     dx, dy = fx - fx.mean(), fy - fy.mean()
@@ -126,8 +132,9 @@ def fit_exponent(
     )
 
 
-def exponent_table(df: pd.DataFrame, **fit_kwargs) -> pd.DataFrame:
-    """One row per (model, workload, batch, metric) with the fitted exponent of the metric against L."""
+def exponent_table(df: pd.DataFrame, fit_from: float | None = None, **fit_kwargs) -> pd.DataFrame:
+    """One row per (model, workload, batch, metric) with the fitted exponent of the metric against L.
+    ``attrs["fit_from"]`` keeps the fit start asked for (None: the top three octaves of each series)."""
     rows = []
     ok = ok_rows(df)
     order = {m: i for i, m in enumerate(model_order(df))}
@@ -135,7 +142,7 @@ def exponent_table(df: pd.DataFrame, **fit_kwargs) -> pd.DataFrame:
         for metric in WORKLOAD_METRICS.get(workload, ()):
             if grp[metric].notna().sum() == 0:
                 continue
-            fit = fit_exponent(grp["seq_len"], grp[metric], **fit_kwargs)
+            fit = fit_exponent(grp["seq_len"], grp[metric], fit_from, **fit_kwargs)
             rows.append({
                 "model": model, "kind": grp["kind"].iloc[0], "workload": workload, "batch": int(batch),
                 "metric": metric, "label": f"{workload} {METRIC_LABELS[metric]}", "status": fit.status,
@@ -146,11 +153,15 @@ def exponent_table(df: pd.DataFrame, **fit_kwargs) -> pd.DataFrame:
     cols = ["model", "kind", "workload", "batch", "metric", "label", "status", "slope", "ci_low", "ci_high", "r2",
             "n", "l_min", "l_max", "local_slopes", "asymptotic"]
     if not rows:
-        return pd.DataFrame(columns=cols)
-    out = pd.DataFrame(rows)
-    wl = {w: i for i, w in enumerate(WORKLOAD_METRICS)}
-    out["_w"], out["_m"] = out["workload"].map(wl), out.apply(lambda r: WORKLOAD_METRICS[r.workload].index(r.metric), 1)
-    return out.sort_values(["_w", "batch", "_m", "_order"])[cols].reset_index(drop=True)
+        out = pd.DataFrame(columns=cols)
+    else:
+        out = pd.DataFrame(rows)
+        wl = {w: i for i, w in enumerate(WORKLOAD_METRICS)}
+        out["_w"] = out["workload"].map(wl)
+        out["_m"] = out.apply(lambda r: WORKLOAD_METRICS[r.workload].index(r.metric), 1)
+        out = out.sort_values(["_w", "batch", "_m", "_order"])[cols].reset_index(drop=True)
+    out.attrs["fit_from"] = fit_from
+    return out
 
 
 # ---- crossovers ---------------------------------------------------------------------------------------

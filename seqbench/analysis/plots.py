@@ -214,7 +214,7 @@ def _curve_figure(df, meta, colors, fits, workloads, metric, title, ylabel, band
         ax.set_xlabel("context length L [tokens]" if workload == "decode" else "sequence length L [tokens]")
         ax.set_title(f"{workload}, batch {batch}", fontsize=10)
     fig.suptitle(f"{title}\n{_device_label(df, meta)}", fontsize=11)
-    note = "k: log-log slope (cost ∝ L^k) fitted on the largest lengths" + (
+    note = "k: log-log slope (cost ∝ L^k) fitted from the fit start (default: the top three octaves)" + (
         "; shaded: p25–p75 of the timing" if band else "")
     fig.supxlabel(note, fontsize=7, color="0.4", x=0.99, ha="right")
     return fig
@@ -275,7 +275,7 @@ def _exponent_figure(df, meta, colors, fits):
                       label="local slopes disagree: still curving, or too noisy to tell"),
                Line2D([], [], ls="", marker=">", color="0.3", label="CI continues beyond the view")]
     fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=8)
-    fig.suptitle(f"Scaling exponents with 95% CIs (largest lengths)\n{_device_label(df, meta)}", fontsize=11)
+    fig.suptitle(f"Scaling exponents with 95% CIs (from the fit start)\n{_device_label(df, meta)}", fontsize=11)
     return fig
 
 

@@ -65,7 +65,8 @@ def _blocks(run_dir: Path, df: pd.DataFrame, meta: dict, figures: list[Path], fi
         blocks += [("h3", title), ("table", table)]
     blocks += [
         ("h2", "Scaling exponents"),
-        ("p", "Log-log OLS slope k in cost ∝ L^k on the largest lengths (≥ 4 points spanning ≥ 8×), 95% CI from "
+        ("p", "Log-log OLS slope k in cost ∝ L^k on every measured length from the fit start, "
+              f"{fit_start_label(fits)} (`seqbench plot --fit-from L` moves it; at least 4 lengths), 95% CI from "
               "the t distribution. Local slopes are between adjacent measured lengths; 'asymptotic' means the "
               "local slopes inside the fitted range agree within 0.1, otherwise the slope is still drifting (the "
               "fit bounds the asymptote from one side) or the data are too noisy to tell; the CI says which."),
@@ -84,10 +85,17 @@ def _blocks(run_dir: Path, df: pd.DataFrame, meta: dict, figures: list[Path], fi
     return blocks
 
 
-def analyse_run(run_dir: str | Path) -> tuple[pd.DataFrame, dict, pd.DataFrame, pd.DataFrame]:
-    """Load a run once and fit it once: (rows, metadata, exponent fits, crossovers)."""
+def fit_start_label(fits: pd.DataFrame) -> str:
+    fit_from = fits.attrs.get("fit_from")
+    return "the top three octaves of each series (L ≥ max L / 8)" if fit_from is None else f"L ≥ {fit_from:g}"
+
+
+def analyse_run(run_dir: str | Path, fit_from: float | None = None) -> tuple[pd.DataFrame, dict, pd.DataFrame,
+                                                                              pd.DataFrame]:
+    """Load a run once and fit it once (from ``fit_from``, by default the top three octaves):
+    (rows, metadata, exponent fits, crossovers)."""
     df = load_run(run_dir)
-    return df, load_meta(run_dir), exponent_table(df), crossovers(df)
+    return df, load_meta(run_dir), exponent_table(df, fit_from), crossovers(df)
 
 
 def make_report(run_dir: str | Path, analysed: tuple | None = None) -> Path:

@@ -53,7 +53,7 @@ def test_pure_power_laws_are_recovered_exactly(power):
     assert fit.slope == pytest.approx(power, abs=1e-9)
     assert fit.ci_low <= power <= fit.ci_high and fit.ci_high - fit.ci_low < 1e-6
     assert fit.r2 == pytest.approx(1.0)
-    assert (fit.l_min, fit.l_max, fit.n_points) == (1024, 8192, 4)  # the smallest top window spanning 8x
+    assert (fit.l_min, fit.l_max, fit.n_points) == (1024, 8192, 4)  # the top three octaves
     assert fit.asymptotic
     assert [s for _, _, s in fit.local_slopes] == pytest.approx([power] * (len(L) - 1))
 
@@ -62,7 +62,7 @@ def test_linear_plus_quadratic_global_slope_misleads_but_largest_lengths_do_not(
     """Attention-like cost a*L + b*L^2 with the quadratic term taking over at L = 4096."""
     L = np.array([2**k for k in range(6, 17)], dtype=float)  # 64 .. 65536
     cost = 1e-6 * L + 1e-6 / 4096 * L**2
-    global_fit = fit_exponent(L, cost, largest=False)
+    global_fit = fit_exponent(L, cost, fit_from=0)
     top = fit_exponent(L, cost)
     local = [s for _, _, s in top.local_slopes]
     assert global_fit.slope < 1.45  # "roughly linear" would be wrong
@@ -89,14 +89,16 @@ def test_noisy_fit_ci_covers_truth_and_has_nominal_coverage():
     assert 0.91 <= covered / 400 <= 0.985
 
 
-def test_too_few_points_and_span():
+def test_fit_uses_every_length_from_the_fit_start():
     assert fit_exponent([256, 512, 1024], [1, 2, 4]).status == "too few points"
-    narrow = fit_exponent([1024, 1536, 2048, 3072, 4096], [1, 1.5, 2, 3, 4])  # 5 points but only 4x
-    assert narrow.status == "too few points" and len(narrow.local_slopes) == 4
-    ok = fit_exponent([256, 2048, 2560, 3072, 4096], [1, 8, 10, 12, 16])  # needs the 256 point for 8x
-    assert ok.status == "ok" and (ok.l_min, ok.n_points) == (256, 5) and ok.slope == pytest.approx(1.0)
+    sqrt2 = fit_exponent([256, 512, 1024, 1448, 2048, 2896, 4096, 5793, 8192], [1.0] * 9)  # √2 steps
+    assert (sqrt2.l_min, sqrt2.n_points) == (1024, 7)  # L >= 8192 / 8: every length of the top three octaves
+    ok = fit_exponent([256, 2048, 2560, 3072, 4096], [1, 8, 10, 12, 16])
+    assert ok.status == "ok" and (ok.l_min, ok.n_points) == (2048, 4) and ok.slope == pytest.approx(1.0)
+    moved = fit_exponent([256, 2048, 2560, 3072, 4096], [1, 8, 10, 12, 16], fit_from=256)
+    assert (moved.l_min, moved.n_points) == (256, 5) and moved.slope == pytest.approx(1.0)
     dropped = fit_exponent([256, 512, 1024, 2048, 4096], [1, np.nan, 4, 0.0, 16])  # NaN and 0 are unusable
-    assert dropped.status == "too few points" and dropped.n_points == 3
+    assert dropped.status == "too few points" and dropped.n_points == 2  # 1024 and 4096 are left from 512 on
 
 
 def test_exponent_table_per_model_metric_and_failures():
