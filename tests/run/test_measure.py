@@ -101,8 +101,12 @@ def test_sweep_rows_decode_samples_cache_and_env(tmp_path):
                 "git_commit", "git_dirty", "kernels"):
         assert key in env
     assert set(env["kernels"]) == {"mamba_ssm", "causal_conv1d", "flash_attn", "triton"}
-    lines = (state.run_dir / "points.jsonl").read_text().splitlines()
-    assert len(lines) == len(rows)
+    lines = [json.loads(line) for line in (state.run_dir / "points.jsonl").read_text().splitlines()]
+    # one line per point, plus one per re-measurement of a noisy point; the last line of a key is its row
+    assert len(lines) == len(rows) + sum(r["remeasure_rounds"] for r in rows)
+    last = {(r["model"], r["workload"], r["batch"], r["seq_len"]): r for r in lines}
+    assert list(last.values()) != [] and all(last[(r["model"], r["workload"], r["batch"], r["seq_len"])] == r
+                                             for r in rows)
 
 
 FAILURE_MODELS = {
