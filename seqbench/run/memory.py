@@ -4,17 +4,19 @@
 bytes held by tensors the call creates.
 
 - CUDA: the caching allocator's own counters (``max_memory_allocated`` minus ``memory_allocated`` at entry).
-- CPU: a ``TorchDispatchMode`` sees every torch op of the call. A storage an op returns that none of its inputs
-  holds is new: its bytes are added to a running total, and a ``weakref.finalize`` on the storage takes them off
-  again when the last tensor using it dies. The peak of that total is the CPU counterpart of CUDA's figure:
-  exact bytes of live tensors, whatever glibc keeps mapped and whatever ran before (the RSS high-water mark,
-  still reported as ``peak_rss_bytes``, depends on both). Scratch a kernel allocates and frees inside one op
-  (a pocketfft buffer, a oneDNN workspace) is not a tensor and is not counted. The mode costs a few µs per
-  op, so it runs on one extra, untimed call only.
+- CPU: a ``TorchDispatchMode`` sees every torch op of the call. The storage of a result that the op's schema
+  does not mark as aliasing an argument (views, in-place and out= ops do) is new: its bytes are added to a
+  running total, and a ``weakref.finalize`` on the storage takes them off again when the last tensor using it
+  dies. The peak of that total is the CPU counterpart of CUDA's figure: exact bytes of live tensors, whatever
+  glibc keeps mapped and whatever ran before (the RSS high-water mark, still reported as ``peak_rss_bytes``,
+  depends on both). Scratch a kernel allocates and frees inside one op (a pocketfft buffer, a oneDNN
+  workspace) is not a tensor and is not counted. The mode costs tens of µs per op (and about a second once
+  per process, to set itself up), so it runs on one extra, untimed call only.
 """
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Callable
 
@@ -34,13 +36,14 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if _is_real(t)}
+        if _returns_alias(func):  # a view, an in-place or an out= op: its result is an input's storage
+            return out
         for t in tree_leaves(out):
             if not _is_real(t):
                 continue
             storage = t.untyped_storage()
             key = storage._cdata
-            if key in inputs or key in self._sizes:  # in place, a view, or already counted
+            if key in self._sizes:  # already counted (an op returning the same new storage twice)
                 continue
             self._sizes[key] = storage.nbytes()
             self.live += self._sizes[key]
@@ -50,6 +53,12 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def _freed(self, key: int) -> None:
         self.live -= self._sizes.pop(key, 0)
+
+
+@functools.cache
+def _returns_alias(func) -> bool:
+    """Whether the op's schema says a result aliases an argument (``Tensor(a)``, ``Tensor(a!)``)."""
+    return any(r.alias_info is not None for r in func._schema.returns)
 
 
 def _is_real(t) -> bool:
