@@ -4,11 +4,11 @@ inside the timeout, and parameters that cannot fit."""
 import pytest
 import torch
 
-from seqbench.config import experiment_from_dict
-from seqbench.memory import peak_call_bytes
+from seqbench.experiment import experiment_from_dict
 from seqbench.models import build_model
-from seqbench.point import PointSpec, run_point
-from seqbench.workloads import decode, prefill
+from seqbench.run.memory import peak_call_bytes
+from seqbench.run.point import PointSpec, run_point
+from seqbench.run.workloads import decode, prefill
 
 CPU = torch.device("cpu")
 MIB = 2**20
@@ -124,7 +124,7 @@ def test_warmup_zero_measures(workload):
 
 @pytest.mark.parametrize("isolation", ["inline", "process"])
 def test_a_build_longer_than_the_timeout_is_a_timeout_row(isolation):
-    from seqbench.executors import EXECUTORS
+    from seqbench.run.executors import EXECUTORS
 
     exp = _exp([{"name": "deep", "kind": "mamba", "d_model": 16, "n_layers": 200_000}], timeout_s=1.0,
                isolation=isolation)
@@ -137,7 +137,7 @@ def test_a_build_longer_than_the_timeout_is_a_timeout_row(isolation):
 
 
 def test_parameters_beyond_available_memory_are_an_oom_row_without_building(monkeypatch):
-    import seqbench.point as point
+    import seqbench.run.point as point
 
     built_on = []
     real_build = point.build_model
