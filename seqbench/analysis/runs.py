@@ -13,9 +13,11 @@ NUMERIC = [
     "batch", "seq_len", "new_tokens", "threads", "n_samples", "first_call_s", "time_median_s", "time_p25_s",
     "time_p75_s", "time_min_s", "iqr_ratio", "tokens_per_s", "latency_per_token_s", "cache_bytes", "peak_mem_bytes",
     "param_count", "param_bytes", "flops_per_token", "achieved_flops_per_s", "achieved_bytes_per_s",
-    "param_count_non_embedding", "frac_peak_flops", "frac_peak_bytes", "latency_p90_s",
+    "param_count_non_embedding", "frac_peak_flops", "frac_peak_bytes", "latency_p90_s", "peak_rss_bytes",
+    "remeasure_rounds",
 ]
-TEXT = ["run_id", "model", "kind", "layout", "impl_used", "device", "dtype", "workload", "status", "error"]
+TEXT = ["run_id", "model", "kind", "layout", "impl_used", "device", "dtype", "workload", "status", "error",
+        "cache_dtype"]
 # Which columns are scaling metrics for each workload (decode time_* equals the per-token latency).
 WORKLOAD_METRICS = {
     "prefill": ("time_median_s", "tokens_per_s", "peak_mem_bytes"),

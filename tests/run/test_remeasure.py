@@ -1,0 +1,92 @@
+"""Noisy points are measured again after the grid, interleaved in grid order; points.jsonl stays append-only and
+the later line of a point wins in resume, results.csv and the analysis."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from seqbench.analysis.runs import load_run
+from seqbench.experiment import experiment_from_dict
+from seqbench.run.executors import EXECUTORS
+from seqbench.run.point import base_row
+from seqbench.run.sweep import plan_grid, prepare_run, run_sweep, write_results_csv
+
+# IQR/median of each successive measurement of a point (> 0.10 is noisy); points not listed are quiet
+SCRIPT = {
+    ("a", "prefill", 1, 32): [0.5, 0.3, 0.02],  # quiet on the second re-measurement
+    ("b", "prefill", 1, 16): [0.2, 0.4, 0.3],  # noisy every time: the least noisy (the first) is kept
+    ("b", "prefill", 1, 32): [0.3, 0.01],  # quiet on the first re-measurement
+}
+
+
+class ScriptedExecutor:
+    calls: list = []
+
+    def run(self, spec):
+        key = (spec.model, spec.workload, spec.batch, spec.seq_len)
+        n = sum(1 for k in self.calls if k == key)
+        self.calls.append(key)
+        iqr = SCRIPT.get(key, [0.01])[n] if n < len(SCRIPT.get(key, [0.01])) else 0.01
+        row = base_row(spec, "ok")
+        row.update(time_median_s=1e-3 * (n + 1), iqr_ratio=iqr, noisy=iqr > 0.10, remeasure_rounds=0, n_samples=5)
+        return row
+
+    def close(self):
+        pass
+
+
+def _exp(remeasure=2):
+    return experiment_from_dict({
+        "name": "n", "device": "cpu",
+        "models": [{"name": "a", "kind": "attention", "d_model": 32, "n_layers": 1, "n_heads": 2},
+                   {"name": "b", "kind": "attention", "d_model": 32, "n_layers": 1, "n_heads": 2}],
+        "sweep": {"seq_lens": [16, 32], "workloads": ["prefill"]},
+        "measure": {"calibrate": False, "remeasure": remeasure},
+    })
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    ScriptedExecutor.calls = []
+    monkeypatch.setitem(EXECUTORS, "inline", ScriptedExecutor)
+    return ScriptedExecutor
+
+
+def _key(r):
+    return (r["model"], r["workload"], r["batch"], r["seq_len"])
+
+
+def test_noisy_points_are_remeasured_interleaved_and_the_quieter_row_kept(tmp_path, scripted):
+    exp = _exp()
+    state = prepare_run(exp, tmp_path)
+    rows = {_key(r): r for r in run_sweep(state)}
+    grid = plan_grid(exp)
+    # the grid once, then round 1 over the three noisy points in grid order, then round 2 over the still noisy
+    noisy_in_grid_order = [k for k in grid if k in SCRIPT]
+    assert scripted.calls == grid + noisy_in_grid_order + [k for k in noisy_in_grid_order if SCRIPT[k][1] > 0.1]
+    a32, b16, b32 = (rows[k] for k in SCRIPT)
+    assert (a32["iqr_ratio"], a32["noisy"], a32["remeasure_rounds"]) == (0.02, False, 2)
+    assert (b16["iqr_ratio"], b16["noisy"], b16["remeasure_rounds"]) == (0.2, True, 2)  # rounds used up
+    assert (b32["iqr_ratio"], b32["remeasure_rounds"]) == (0.01, 1)
+    assert rows[("a", "prefill", 1, 16)]["remeasure_rounds"] == 0
+
+    lines = [json.loads(line) for line in (state.run_dir / "points.jsonl").read_text().splitlines()]
+    assert len(lines) == len(grid) + 2 + 2 + 1  # appended, never rewritten
+    csv = pd.read_csv(write_results_csv(state))
+    assert len(csv) == len(grid)
+    assert csv.set_index(["model", "seq_len"]).loc[("a", 32), "iqr_ratio"] == 0.02
+    assert load_run(state.run_dir).set_index(["model", "seq_len"]).loc[("a", 32), "remeasure_rounds"] == 2
+
+    scripted.calls = []  # resuming the finished run measures nothing again and reads the later lines
+    resumed = prepare_run(exp, resume=state.run_dir)
+    assert resumed.rows[("a", "prefill", 1, 32)]["iqr_ratio"] == 0.02
+    run_sweep(resumed)
+    assert scripted.calls == []
+
+
+def test_remeasure_zero_keeps_the_first_measurement(tmp_path, scripted):
+    state = prepare_run(_exp(remeasure=0), tmp_path)
+    rows = {_key(r): r for r in run_sweep(state)}
+    assert len(scripted.calls) == len(plan_grid(state.exp))
+    assert rows[("a", "prefill", 1, 32)]["noisy"] and rows[("a", "prefill", 1, 32)]["remeasure_rounds"] == 0
