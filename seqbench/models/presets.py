@@ -140,6 +140,8 @@ def scale_fields(fields: dict[str, Any], scale: Any, layout_len: int) -> dict[st
 def _resolve(m: dict[str, Any]) -> dict[str, Any]:
     """One model's raw mapping with its preset applied and ``scale`` consumed."""
     preset, scale, kind = m.get("preset"), m.get("scale"), m.get("kind")
+    if not isinstance(kind, str | None):
+        return m  # the schema reports a kind of the wrong type, with the allowed kinds
     rest = {k: v for k, v in m.items() if k != "scale"}
     if preset is None:
         if scale is not None:
