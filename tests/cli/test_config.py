@@ -20,6 +20,9 @@ def test_range_strings():
     assert parse_seq_lens("100..300 +100") == [100, 200, 300]
     assert parse_seq_lens("3..30 x3") == [3, 9, 27]
     assert parse_seq_lens([5, 7]) == [5, 7]
+    # a fractional factor: START·FACTOR^k rounded, so √2 steps land back on the powers of two
+    assert parse_seq_lens("2048..16384 x1.41421356") == [2048, 2896, 4096, 5793, 8192, 11585, 16384]
+    assert parse_seq_lens("10..40 x1.5") == [10, 15, 22, 34]
 
 
 def test_good_config_loads(write_config):

@@ -154,3 +154,13 @@ def test_parameters_beyond_available_memory_are_an_oom_row_without_building(monk
     assert row["status"] == "oom"
     assert f"{params * 4:,} bytes" in row["error"]
     assert built_on == ["meta"]
+
+
+@pytest.mark.parametrize(("state_dtype", "element_bytes"), [("float32", 4), ("model", 2)])
+def test_s4d_state_dtype_is_a_recorded_choice(state_dtype, element_bytes):
+    s4d = {**SSMS["s4d"], "state_dtype": state_dtype}
+    exp = experiment_from_dict({**_exp([s4d]).model_dump(), "dtype": "bfloat16"})
+    row = _row(exp, "s4d", "decode", 64)
+    assert row["status"] == "ok", row["error"]
+    assert row["cache_dtype"] == ("float32" if state_dtype == "float32" else "bfloat16")
+    assert row["cache_bytes"] == 2 * 64 * (32 // 2) * 2 * element_bytes  # layers · d · N/2 · (re, im)
