@@ -76,7 +76,11 @@ def _length_axis(ax, lengths: list[int]) -> None:
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
 
     ax.set_xscale("log", base=2)
-    shown = lengths if len(lengths) <= 10 else lengths[::2]
+    shown: list[int] = []
+    for length in lengths:  # labels at least ~an octave apart, so √2 steps do not overlap
+        if not shown or length >= shown[-1] * 1.9:
+            shown.append(length)
+    shown = shown if len(shown) <= 10 else shown[::2]
     ax.xaxis.set_major_locator(FixedLocator(shown))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:.0f}" if v < 1e5 else f"{v / 1024:.0f}k"))
     ax.xaxis.set_minor_locator(NullLocator())
@@ -346,7 +350,7 @@ def make_plots(run_dir: str | Path, df: pd.DataFrame | None = None, meta: dict |
                                      "Cache size after a context of L tokens (KV cache vs recurrent state)",
                                      "cache size [bytes, binary units]", label_fn=_cache_label),
         "peak_memory": _curve_figure(df, meta, colors, fits, ["prefill", "decode", "train"], "peak_mem_bytes",
-                                     "Peak memory of the measured call above its baseline",
+                                     "Peak memory of the workload (live tensors of one call + its cache)",
                                      "peak memory [bytes, binary units]"),
         "train_throughput": _curve_figure(df, meta, colors, fits, ["train"], "tokens_per_s",
                                           "Training step (forward + backward) throughput vs sequence length",
