@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -215,8 +216,8 @@ def calibrate(
 @app.command("plot")
 def plot_cmd(
     path: Path = typer.Argument(..., help="a run folder, or a folder of runs (e.g. results/)"),
-    fit_from: int | None = typer.Option(None, "--fit-from", min=1,
-                                        help="fit exponents on L >= this (default: the top three octaves)"),
+    fit_from: Annotated[int | None, typer.Option(
+        "--fit-from", min=1, help="fit exponents on L >= this (default: the top three octaves)")] = None,
 ) -> None:
     """Figures, report.md and report.html for a run folder (or each run in a folder); prints the key tables."""
     from seqbench.analysis.report import analyse_run, make_report

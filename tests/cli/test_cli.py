@@ -81,7 +81,7 @@ models:
   - {name: a, kind: attention, d_model: 32, n_layers: 1, n_heads: 2}
   - {name: b, kind: attention, d_model: 64, n_layers: 1, n_heads: 2}
 sweep: {seq_lens: 16..2048 x2, workloads: [prefill, decode], new_tokens: 4}
-measure: {warmup: 1, min_samples: 3, min_time_s: 0.25, calibrate: false}
+measure: {warmup: 1, min_samples: 3, min_time_s: 0.25, calibrate: false, remeasure: 0}
 """
 
 
