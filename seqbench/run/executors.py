@@ -10,12 +10,14 @@ import multiprocessing as mp
 import os
 import signal
 
+from seqbench.run.memory import prepare_tracker
 from seqbench.run.point import PointSpec, base_row, run_point
 
 
 class InlineExecutor:
     def __init__(self) -> None:
         self._models: dict[str, object] = {}  # built once (inside the first point's timeout), reused across lengths
+        prepare_tracker()
 
     def run(self, spec: PointSpec) -> dict:
         return run_point(spec, self._models)
@@ -32,6 +34,7 @@ def _worker(spec: PointSpec, conn) -> None:
     threads = spec.exp.threads
     if threads:
         torch.set_num_threads(threads)
+    prepare_tracker()
     conn.send(("ready", None))  # the point's clock starts now: building the model is part of its time
     conn.send(("row", run_point(spec)))
     conn.close()
