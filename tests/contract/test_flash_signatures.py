@@ -11,7 +11,7 @@ import inspect
 import pytest
 import torch
 
-from seqbench.config import experiment_from_dict
+from seqbench.experiment import experiment_from_dict
 from seqbench.models import build_model
 from seqbench.ops import fast
 

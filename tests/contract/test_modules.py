@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seqbench.config import experiment_from_dict
+from seqbench.experiment import experiment_from_dict
 from seqbench.models import build_model
 from seqbench.models.mamba import Mamba
 from seqbench.models.mamba2 import Mamba2
