@@ -40,6 +40,9 @@ def _preflight(exp: Experiment, config: Path):
     try:
         device = resolve_device(exp.device)
         preflight_kernels(exp, device)
+        if exp.measure.cuda_graph == "on" and device.type != "cuda":
+            raise RuntimeError(f"measure.cuda_graph: on needs a CUDA device, but the device is '{device}'; "
+                               f"use auto (graphs on CUDA only) or off")
     except RuntimeError as e:
         fail(f"{config}: {e}")
     return device

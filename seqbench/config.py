@@ -176,6 +176,13 @@ class MeasureSpec(_Strict):
     calibrate: bool = True
     remeasure: Annotated[int, Field(ge=0)] = Field(
         2, description="after the grid, measure points flagged noisy again, up to this many rounds")
+    cuda_graph: Literal["auto", "on", "off"] = Field(
+        "auto", description="decode on CUDA: replay one captured step (auto = on CUDA; on = CUDA required)")
+
+    @field_validator("cuda_graph", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v: Any) -> Any:
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # YAML reads on/off as booleans
 
 
 class MatchSpec(_Strict):

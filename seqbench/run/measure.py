@@ -192,13 +192,15 @@ def release_free_memory() -> None:
 class PeakMemory:
     """Context manager: ``peak_bytes`` = peak memory inside the block above the memory at entry.
 
-    CUDA: torch.cuda.reset_peak_memory_stats / max_memory_allocated (allocator-level, exact).
+    CUDA: torch.cuda.reset_peak_memory_stats / max_memory_allocated (allocator-level, exact), and
+    ``reserved_bytes``: the most the caching allocator held from the device meanwhile (max_memory_reserved).
     CPU (Linux): VmHWM after resetting it through /proc/self/clear_refs, minus VmRSS at entry (page-level).
     """
 
     def __init__(self, device: torch.device):
         self.device = device
         self.peak_bytes: int | None = None
+        self.reserved_bytes: int | None = None  # CUDA only
 
     def __enter__(self) -> "PeakMemory":
         if self.device.type == "cuda":
@@ -228,5 +230,6 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             self.peak_bytes = max(0, torch.cuda.max_memory_allocated() - self._base)
+            self.reserved_bytes = torch.cuda.max_memory_reserved()
         else:
             self.peak_bytes = max(0, _proc_status_kib("VmHWM") * 1024 - self._base)
