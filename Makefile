@@ -45,6 +45,10 @@ smoke: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/ops_bench.py
 
+# On a GPU machine with the cuda extra installed (README "Running on a GPU"); on a CPU it exits 2.
+gpu-check: $(STAMP)
+	$(VENV)/bin/seqbench gpu-check configs/gpu-check.yaml
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check seqbench tests
 

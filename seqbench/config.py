@@ -140,21 +140,17 @@ class ModelSpec(_Strict):
         return self
 
 
-class SweepSpec(_Strict):
+class GridSpec(_Strict):
+    """A grid of the sweep: every workload × batch × length."""
+
     seq_lens: list[PositiveInt]
     batch: list[PositiveInt] = [1]
     workloads: list[Literal["prefill", "decode", "train"]] = ["prefill", "decode"]
-    new_tokens: PositiveInt = 32
 
-    @field_validator("seq_lens", mode="before")
+    @field_validator("seq_lens", "batch", mode="before")
     @classmethod
     def _expand(cls, v: Any) -> list[int]:
         return parse_seq_lens(v)
-
-    @field_validator("batch", mode="before")
-    @classmethod
-    def _batch_list(cls, v: Any) -> Any:
-        return [v] if isinstance(v, int) else v
 
     @field_validator("seq_lens", "batch", "workloads")
     @classmethod
@@ -162,6 +158,18 @@ class SweepSpec(_Strict):
         if not v:
             raise ValueError("must not be empty")
         return list(dict.fromkeys(v))
+
+
+class SweepSpec(GridSpec):
+    new_tokens: PositiveInt = 32
+    also: list[GridSpec] = Field(default_factory=list, description="further grids with their own lengths, "
+                                 "batches and workloads, e.g. decode throughput against batch at one context")
+
+    def grids(self) -> list[GridSpec]:
+        return [self, *self.also]
+
+    def all_seq_lens(self) -> list[int]:
+        return sorted({n for g in self.grids() for n in g.seq_lens})
 
 
 class MeasureSpec(_Strict):
@@ -240,7 +248,7 @@ def _fields_at(loc: tuple) -> list[str]:
         if ann is None:
             break
         target = ann.annotation
-        for candidate in (ModelSpec, SweepSpec, MeasureSpec, MatchSpec):
+        for candidate in (ModelSpec, SweepSpec, GridSpec, MeasureSpec, MatchSpec):
             if target is candidate or candidate in getattr(target, "__args__", ()):
                 model = candidate
     return list(model.model_fields)

@@ -18,3 +18,11 @@ def write_config(tmp_path):
         return path
 
     return _write
+
+
+@pytest.fixture
+def libs(monkeypatch):
+    """The CUDA libraries' Python code with their kernels routed to their references (tests/contract)."""
+    from contract.libraries import route
+
+    return route(monkeypatch)

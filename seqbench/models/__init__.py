@@ -89,8 +89,9 @@ OPS_BY_KIND: dict[str, tuple[str, ...]] = {
 def continues_prefill(exp) -> bool:
     """Whether some prompt of the sweep is fed in more than one chunk, i.e. a prefill starts at start > 0."""
     chunk = exp.measure.prefill_chunk
-    feeds_prompts = any(w in ("prefill", "decode") for w in exp.sweep.workloads)
-    return chunk is not None and feeds_prompts and max(exp.sweep.seq_lens) > chunk
+    return chunk is not None and any(
+        max(g.seq_lens) > chunk for g in exp.sweep.grids() if {"prefill", "decode"} & set(g.workloads)
+    )
 
 
 def _continued_prefill_refusal(spec: ModelSpec) -> str | None:
@@ -125,12 +126,14 @@ def preflight_kernels(exp, device: torch.device) -> None:
                 raise RuntimeError(f"models[{i}] '{spec.name}' asks for impl: fast, but op '{op}' cannot run: {reason}")
 
 
-def describe_model(spec: ModelSpec, seq_len: int) -> dict:
-    """Parameter counts and FLOPs per token, from a model built on the meta device (no memory, no weights)."""
-    model = build_model(spec.model_copy(update={"impl": "ref"}), device="meta")
+def describe_model(spec: ModelSpec, seq_len: int, dtype: torch.dtype | str = torch.float32) -> dict:
+    """Parameter counts, FLOPs per token and the cache one sequence holds at a context of ``seq_len``, from a
+    model built on the meta device (no memory, no weights) with the allocation code the measurement uses."""
+    model = build_model(spec.model_copy(update={"impl": "ref"}), device="meta", dtype=dtype)
     return {
         "kind": spec.kind if spec.kind != "hybrid" else f"hybrid {spec.layout}",
         "params": model.num_params(),
         "params_non_embedding": model.num_params(non_embedding=True),
         "flops_per_token": model.prefill_flops(seq_len) / seq_len,
+        "cache_bytes": model.allocate_cache(1, seq_len, device="meta").nbytes(),
     }

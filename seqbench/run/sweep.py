@@ -43,12 +43,13 @@ class Interrupted(Exception):
 def plan_grid(exp: Experiment) -> list[Key]:
     names = [m.name for m in exp.models]
     grid: list[Key] = []
-    for workload in exp.sweep.workloads:
-        for batch in exp.sweep.batch:
-            for i, seq_len in enumerate(exp.sweep.seq_lens):
-                order = names if i % 2 == 0 else names[::-1]
-                grid.extend((name, workload, batch, seq_len) for name in order)
-    return grid
+    for spec in exp.sweep.grids():
+        for workload in spec.workloads:
+            for batch in spec.batch:
+                for i, seq_len in enumerate(spec.seq_lens):
+                    order = names if i % 2 == 0 else names[::-1]
+                    grid.extend((name, workload, batch, seq_len) for name in order)
+    return list(dict.fromkeys(grid))  # a point two grids share is measured once
 
 
 def new_run_dir(exp: Experiment, out: str | Path | None = None) -> Path:

@@ -151,3 +151,14 @@ def test_auto_picks_flash_attn_only_in_half_precision(libs):
     assert get("attention", "auto", "cuda", torch.float32)[1] == "torch-sdpa"
     assert get("attention", "auto", "cuda", torch.bfloat16)[1] == "flash_attn-cuda"
     assert get("attention_kvcache", "auto", "cuda", torch.float16)[1] == "flash_attn-cuda"
+
+
+def test_gpu_check_parity_passes_against_the_libraries_references(libs):
+    """`seqbench gpu-check`'s parity table, run on the CPU with the references standing in for the kernels:
+    every case must reach a real comparison and pass, so on a GPU a FAIL means the kernel, not the check."""
+    from seqbench.run.gpu_check import kernel_parity
+
+    results = kernel_parity("cpu")
+    assert {r.op for r in results} == {"selective_scan", "selective_state_update", "ssd", "causal_conv1d",
+                                       "causal_conv1d_update", "attention", "attention_kvcache"}
+    assert [r.line() for r in results if not r.ok] == []

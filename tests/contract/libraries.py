@@ -189,8 +189,7 @@ def _import_with_stubbed_extensions() -> None:
         importlib.import_module(module)
 
 
-@pytest.fixture
-def libs(monkeypatch) -> Libraries:
+def route(monkeypatch) -> Libraries:
     """The libraries imported with stubbed extensions and their kernels routed as above, and seqbench told that
     its fast kernels can run (as on a GPU), so its mixers and adapters call the libraries exactly as there."""
     _require_libraries()
