@@ -33,24 +33,20 @@ def _load(config: Path) -> Experiment:
 
 
 def _preflight(exp: Experiment, config: Path, dry_run: bool = False):
-    """Resolve the device and check that every demanded fast kernel can run, before anything is measured.
-    A dry run plans anyway (a GPU config is planned on a laptop) and says why the run itself would stop."""
-    import torch
-
+    """Resolve the device and check the demanded kernels and graphs; a dry run plans anyway, saying why not."""
     from seqbench.models import preflight_kernels
+    from seqbench.run.cudagraph import preflight_graphs
     from seqbench.run.provenance import resolve_device
 
     try:
         device = resolve_device(exp.device)
         preflight_kernels(exp, device)
-        if exp.measure.cuda_graph == "on" and device.type != "cuda":
-            raise RuntimeError(f"measure.cuda_graph: on needs a CUDA device, but the device is '{device}'; "
-                               f"use auto (graphs on CUDA only) or off")
+        preflight_graphs(exp, device)
     except RuntimeError as e:
         if not dry_run:
             fail(f"{config}: {e}")
         err.print(f"[yellow]note[/]: a run would stop here: {escape(str(e))}", highlight=False)
-        return torch.device("cpu" if exp.device == "auto" else exp.device)
+        return "cpu" if exp.device == "auto" else exp.device
     return device
 
 
@@ -130,50 +126,29 @@ def _print_plan(exp: Experiment, device: str) -> None:
     for col in ("model", "kind", "layers", "d_model", "params", "non-embedding", "FLOPs/token @ max L",
                 f"cache/sequence @ L={cache_len:,}"):
         table.add_column(col, justify="left" if col in ("model", "kind") else "right", no_wrap=True)
-    max_len = max(exp.sweep.all_seq_lens())
     for spec in exp.models:
-        info = describe_model(spec, max_len, exp.dtype)
+        info = describe_model(spec, max(exp.sweep.all_seq_lens()), exp.dtype)
         cache = describe_model(spec, cache_len, exp.dtype)["cache_bytes"]
         table.add_row(spec.name, info["kind"], str(spec.n_layers), str(spec.d_model), f"{info['params']:,}",
                       f"{info['params_non_embedding']:,}", f"{info['flops_per_token']:.3g}", fmt_bytes(cache))
     Console(width=max(out.width, 150)).print(table)  # never truncate the counts, even in a narrow pipe
-    for g in exp.sweep.grids():
-        out.print(f"workloads {g.workloads} × batch {g.batch} × seq_lens {g.seq_lens} × {len(exp.models)} models",
-                  highlight=False)
-    out.print(f"= {len(grid)} points", highlight=False)
+    grids = [f"workloads {g.workloads} × batch {g.batch} × seq_lens {g.seq_lens}" for g in exp.sweep.grids()]
+    out.print(" +\n".join(grids) + f"\n× {len(exp.models)} models = {len(grid)} points", highlight=False)
 
 
 @app.command("gpu-check")
 def gpu_check(config: Path = typer.Argument(Path("configs/gpu-check.yaml"), help="the short sweep to run")) -> None:
-    """On a GPU: parity of every fast kernel with its reference, then a short bf16 sweep of all kinds with the
-    fast kernels and CUDA-graph decode. Exit 1 on any failure; 2 without a CUDA device."""
-    import torch
+    """On a GPU: fast kernels against references, then a short bf16 sweep; exit 1 on a failure, 2 without CUDA."""
+    from seqbench.run import gpu_check as check
 
-    if not torch.cuda.is_available():
-        fail("no CUDA device: torch sees none on this machine, and gpu-check needs one "
-             "(without a GPU, `make test` runs the contract tests against the kernels' references)")
-    from seqbench.run import sweep
-    from seqbench.run.gpu_check import kernel_parity
-
+    if not check.has_cuda():
+        fail(check.NO_CUDA)
     exp = _load(config)
-    out.print(f"kernel parity on {torch.cuda.get_device_name()} (fast vs reference):", highlight=False)
-    parity = kernel_parity()
-    for p in parity:
-        out.print(p.line(), highlight=False)
+    echo = lambda line: out.print(line, highlight=False)  # noqa: E731
+    failed = check.parity_report(echo)
     _preflight(exp, config)
-    state = sweep.prepare_run(exp)
-    out.print(f"sweep {config} -> {state.run_dir}", highlight=False)
-    rows = sweep.run_sweep(state)
-    sweep.write_tables(state)
-    for r in rows:
-        status = "PASS" if r["status"] == "ok" else "FAIL"
-        what = (f"{r['time_median_s'] * 1e3:.3f} ms  {r['impl_used']}  cuda_graph={r['cuda_graph']}"
-                if r["status"] == "ok" else f"{r['status']}: {r['error']}")
-        out.print(f"{status}  {r['model']:<12} {r['workload']:<8} b={r['batch']} L={r['seq_len']:<6} {what}",
-                  highlight=False)
-    failed = sum(not p.ok for p in parity) + sum(r["status"] != "ok" for r in rows)
-    out.print(f"{'FAILED' if failed else 'all passed'}: {len(parity)} kernel checks, {len(rows)} points"
-              + (f", {failed} failures" if failed else ""), highlight=False)
+    failed += check.sweep_report(exp, echo)
+    echo("all passed" if not failed else f"FAILED: {failed} failures")
     raise typer.Exit(1 if failed else 0)
 
 

@@ -18,6 +18,13 @@ from torch import Tensor
 
 from seqbench.ops import fast_unusable, get
 
+NO_CUDA = ("no CUDA device: torch sees none on this machine, and gpu-check needs one "
+           "(without a GPU, `make test` runs the contract tests against the kernels' references)")
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
 
 @dataclass
 class Parity:
@@ -113,3 +120,28 @@ def kernel_parity(device: str = "cuda") -> list[Parity]:
         err = max((a - r).abs().max().item() for a, r in zip(*outs, strict=True))  # outputs and in-place states
         results.append(Parity(op, case, err, tol))
     return results
+
+
+def parity_report(echo: Callable[[str], None]) -> int:
+    """Print the parity table on CUDA; return the number of failures."""
+    echo(f"kernel parity on {torch.cuda.get_device_name()} (fast vs reference):")
+    results = kernel_parity()
+    for r in results:
+        echo(r.line())
+    return sum(not r.ok for r in results)
+
+
+def sweep_report(exp, echo: Callable[[str], None]) -> int:
+    """Run the experiment into a new run folder, one PASS/FAIL line per point; return the failures."""
+    from seqbench.run import sweep
+
+    state = sweep.prepare_run(exp)
+    echo(f"sweep {exp.name} -> {state.run_dir}")
+    rows = sweep.run_sweep(state)
+    sweep.write_tables(state)
+    for r in rows:
+        what = (f"{r['time_median_s'] * 1e3:.3f} ms  {r['impl_used']}  cuda_graph={r['cuda_graph']}"
+                if r["status"] == "ok" else f"{r['status']}: {r['error']}")
+        echo(f"{'PASS' if r['status'] == 'ok' else 'FAIL'}  {r['model']:<12} {r['workload']:<8} b={r['batch']} "
+             f"L={r['seq_len']:<6} {what}")
+    return sum(r["status"] != "ok" for r in rows)

@@ -1,7 +1,9 @@
 """Timers, sample statistics, the one-benchmark-at-a-time lock and peak-memory trackers (docs/design.md, "Measurement").
 
 CPU timing uses ``time.perf_counter``; CUDA timing uses CUDA events recorded on the current stream and read
-after a synchronize, so host-side launch overhead is not mistaken for kernel time. ``PeakMemory`` is the
+after a synchronize. Events measure the GPU's timeline, which includes the gaps while it waits for the host to
+launch the next kernel: a launch-bound call (a decode step) is timed with its launch overhead, which is why
+decode on CUDA replays a captured graph (run/cudagraph.py). ``PeakMemory`` is the
 process view (the ``peak_rss_bytes`` column): the kernel's own high-water mark, after writing ``5`` to
 ``/proc/self/clear_refs`` (resets VmHWM to the current RSS), minus the baseline ``VmRSS``. It depends on what
 glibc kept from earlier points; the workload's own peak (``peak_mem_bytes``) is counted in seqbench/run/memory.py.
