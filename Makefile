@@ -10,7 +10,7 @@ RUN_DIR_FILE := results/.last-demo
 # PyPI (*_FORCE_BUILD), against the torch already in the venv (--no-build-isolation, --no-deps: mamba-ssm's own
 # requirements include GPU-only packages). triton is needed as a plain wheel for mamba_ssm's Triton modules to import.
 CONTRACT_STAMP := $(VENV)/.contract
-CONTRACT_DEPS := einops==0.8.2 triton==3.5.1 wheel
+CONTRACT_DEPS := einops==0.8.2 triton==3.5.1 wheel==0.48.0
 CONTRACT_PKGS := mamba-ssm==2.3.2.post1 causal-conv1d==1.7.0 flash-attn==2.8.3.post2
 NO_CUDA_BUILD := MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE \
 	CAUSAL_CONV1D_FORCE_BUILD=TRUE FLASH_ATTENTION_SKIP_CUDA_BUILD=TRUE FLASH_ATTENTION_FORCE_BUILD=TRUE
