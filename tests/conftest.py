@@ -19,10 +19,3 @@ def write_config(tmp_path):
 
     return _write
 
-
-@pytest.fixture
-def libs(monkeypatch):
-    """The CUDA libraries' Python code with their kernels routed to their references (tests/contract)."""
-    from contract.libraries import route
-
-    return route(monkeypatch)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from seqbench.ops import fast_unusable, get
+from seqbench import ops
 
 NO_CUDA = ("no CUDA device: torch sees none on this machine, and gpu-check needs one "
            "(without a GPU, `make test` runs the contract tests against the kernels' references)")
@@ -108,7 +108,7 @@ def kernel_parity(device: str = "cuda") -> list[Parity]:
     references standing in for the kernels.)"""
     results = []
     for op, case, dtype, make, tol in _cases(device):
-        reason = fast_unusable(op, device, dtype)
+        reason = ops.fast_unusable(op, device, dtype)
         if reason is not None:
             results.append(Parity(op, case, None, tol, reason))
             continue
@@ -116,7 +116,7 @@ def kernel_parity(device: str = "cuda") -> list[Parity]:
         for impl in ("fast", "ref"):
             torch.manual_seed(0)
             args = make()
-            outs.append(_outputs(get(op, impl, device, dtype)[0](*args)) + [a.float() for a in args[:2]])
+            outs.append(_outputs(ops.get(op, impl, device, dtype)[0](*args)) + [a.float() for a in args[:2]])
         err = max((a - r).abs().max().item() for a, r in zip(*outs, strict=True))  # outputs and in-place states
         results.append(Parity(op, case, err, tol))
     return results

@@ -38,7 +38,7 @@ LIBRARIES = ("mamba_ssm", "causal_conv1d", "flash_attn", "einops", "triton")
 EXTENSIONS = ("selective_scan_cuda", "causal_conv1d_cuda", "flash_attn_2_cuda")
 
 
-def _require_libraries() -> None:
+def require_libraries() -> None:
     missing = [m for m in LIBRARIES if importlib.util.find_spec(m) is None]
     if not missing:
         return
@@ -177,7 +177,18 @@ def _bound(real, fn, name: str, libs: Libraries):
     return call
 
 
-def _import_with_stubbed_extensions() -> None:
+LIBRARY_PACKAGES = ("mamba_ssm", "causal_conv1d", "flash_attn")
+
+
+def forget_libraries() -> None:
+    """Drop the stubs and the libraries' modules from sys.modules, so that later tests in the session (Hugging
+    Face's Mamba mixers probe for mamba_ssm) see the installed packages as they are: without CUDA extensions."""
+    for name in list(sys.modules):
+        if name in EXTENSIONS or name.split(".")[0] in LIBRARY_PACKAGES:
+            del sys.modules[name]
+
+
+def import_with_stubbed_extensions() -> None:
     for name in EXTENSIONS:
         if name not in sys.modules:
             sys.modules[name] = types.ModuleType(name)  # never a real extension: no CUDA build was installed
@@ -190,10 +201,8 @@ def _import_with_stubbed_extensions() -> None:
 
 
 def route(monkeypatch) -> Libraries:
-    """The libraries imported with stubbed extensions and their kernels routed as above, and seqbench told that
-    its fast kernels can run (as on a GPU), so its mixers and adapters call the libraries exactly as there."""
-    _require_libraries()
-    _import_with_stubbed_extensions()
+    """The libraries' kernels routed as above (they are imported with stubbed extensions already), and seqbench
+    told that its fast kernels can run (as on a GPU), so its mixers and adapters call the libraries as there."""
     import flash_attn
     import flash_attn.flash_attn_interface as fa
     import mamba_ssm.modules.mamba2 as m2
