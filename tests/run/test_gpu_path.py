@@ -82,26 +82,27 @@ def test_fast_kernels_that_would_continue_a_prefill_are_refused_before_the_sweep
     assert "prefill_chunk (128) continues prompts" in result.output and refused in result.output
 
 
-def test_the_captured_step_reads_its_token_and_advances_its_position_on_the_device():
-    """GraphedDecode's body (what CUDA captures), run eagerly on the CPU: reading the token at the device-side
-    position and advancing that position itself gives the host-driven decode step, token for token."""
+def test_the_captured_step_is_the_eager_decode_step():
+    """GraphedDecode's body (what CUDA captures), run eagerly on the CPU: the step at the device-side position
+    gives the logits of the eager decode call at context L, call after call (SSM states advance in both)."""
     import torch
 
     from seqbench.models import build_model
     from seqbench.run.cudagraph import GraphedDecode
+    from seqbench.run.workloads import _tokens, decode
 
     spec = experiment_from_dict({"name": "g", "sweep": {"seq_lens": [8]}, "models": [
         {"name": "h", "kind": "hybrid", "layout": "MDSA", "d_model": 32, "n_layers": 4, "n_heads": 4, "d_state": 8,
          "headdim": 16, "chunk_size": 8}]}).models[0]
     torch.manual_seed(0)
     model = build_model(spec).eval()
-    gen = torch.Generator().manual_seed(1)
-    context, steps = torch.randint(0, 256, (2, 10), generator=gen), torch.randint(0, 256, (2, 5), generator=gen)
-    eager, graphed = model.allocate_cache(2, 15), model.allocate_cache(2, 15)
-    with torch.inference_mode():
-        model.prefill(context, eager)
-        model.prefill(context, graphed)
-        body = GraphedDecode(model, graphed, steps, first_pos=10)
-        for i in range(5):
-            torch.testing.assert_close(body._step(), model.step(steps[:, i : i + 1], eager), rtol=1e-4, atol=1e-4)
-    assert body.pos.tolist() == [15]
+    eager = decode(model, 2, 10, torch.device("cpu"), seed=3)
+    other = decode(model, 2, 10, torch.device("cpu"), seed=3)  # the same context and token, its own cache
+    token = _tokens(model, 2, 1, torch.device("cpu"), 3 + 1)  # the token decode() steps with (seed + 1)
+    body = GraphedDecode(model, other.cache, token, pos=10)
+    for _ in range(3):
+        torch.testing.assert_close(body.step(), eager.call(), rtol=1e-4, atol=1e-4)
+    assert body.pos.tolist() == [10]  # every call is the step at context L
+    for a, b in zip(eager.cache.tensors(), other.cache.tensors(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
