@@ -120,17 +120,16 @@ def _print_plan(exp: Experiment, device: str) -> None:
     from seqbench.run.sweep import plan_grid
 
     grid = plan_grid(exp)
-    decode_lens = [n for g in exp.sweep.grids() if "decode" in g.workloads for n in g.seq_lens]
-    cache_len = max(decode_lens or exp.sweep.all_seq_lens())
+    cache_len = exp.sweep.max_context()
     table = Table(title=f"{exp.name}: {len(grid)} points on {device} ({exp.dtype})", title_justify="left")
     for col in ("model", "kind", "layers", "d_model", "params", "non-embedding", "FLOPs/token @ max L",
                 f"cache/sequence @ L={cache_len:,}"):
         table.add_column(col, justify="left" if col in ("model", "kind") else "right", no_wrap=True)
     for spec in exp.models:
-        info = describe_model(spec, max(exp.sweep.all_seq_lens()), exp.dtype)
-        cache = describe_model(spec, cache_len, exp.dtype)["cache_bytes"]
-        table.add_row(spec.name, info["kind"], str(spec.n_layers), str(spec.d_model), f"{info['params']:,}",
-                      f"{info['params_non_embedding']:,}", f"{info['flops_per_token']:.3g}", fmt_bytes(cache))
+        info = describe_model(spec, max(exp.sweep.all_seq_lens()), exp.dtype, cache_len)
+        counts = (spec.n_layers, spec.d_model, info["params"], info["params_non_embedding"])
+        table.add_row(spec.name, info["kind"], *(f"{c:,}" for c in counts), f"{info['flops_per_token']:.3g}",
+                      fmt_bytes(info["cache_bytes"]))
     Console(width=max(out.width, 150)).print(table)  # never truncate the counts, even in a narrow pipe
     grids = [f"workloads {g.workloads} × batch {g.batch} × seq_lens {g.seq_lens}" for g in exp.sweep.grids()]
     out.print(" +\n".join(grids) + f"\n× {len(exp.models)} models = {len(grid)} points", highlight=False)
@@ -144,12 +143,9 @@ def gpu_check(config: Path = typer.Argument(Path("configs/gpu-check.yaml"), help
     if not check.has_cuda():
         fail(check.NO_CUDA)
     exp = _load(config)
-    echo = lambda line: out.print(line, highlight=False)  # noqa: E731
-    failed = check.parity_report(echo)
+    failed = check.parity_report(out)
     _preflight(exp, config)
-    failed += check.sweep_report(exp, echo)
-    echo("all passed" if not failed else f"FAILED: {failed} failures")
-    raise typer.Exit(1 if failed else 0)
+    raise typer.Exit(check.sweep_report(exp, out, failed))
 
 
 @app.command()

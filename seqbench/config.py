@@ -171,6 +171,10 @@ class SweepSpec(GridSpec):
     def all_seq_lens(self) -> list[int]:
         return sorted({n for g in self.grids() for n in g.seq_lens})
 
+    def max_context(self) -> int:
+        """The largest decode context (the largest length when nothing decodes): the cache a run must hold."""
+        return max([n for g in self.grids() if "decode" in g.workloads for n in g.seq_lens] or self.all_seq_lens())
+
 
 class MeasureSpec(_Strict):
     warmup: Annotated[int, Field(ge=0)] = 2

@@ -126,14 +126,16 @@ def preflight_kernels(exp, device: torch.device) -> None:
                 raise RuntimeError(f"models[{i}] '{spec.name}' asks for impl: fast, but op '{op}' cannot run: {reason}")
 
 
-def describe_model(spec: ModelSpec, seq_len: int, dtype: torch.dtype | str = torch.float32) -> dict:
-    """Parameter counts, FLOPs per token and the cache one sequence holds at a context of ``seq_len``, from a
-    model built on the meta device (no memory, no weights) with the allocation code the measurement uses."""
+def describe_model(
+    spec: ModelSpec, seq_len: int, dtype: torch.dtype | str = torch.float32, context: int | None = None
+) -> dict:
+    """Parameter counts, FLOPs per token at ``seq_len`` and the cache one sequence holds at ``context`` (default
+    seq_len), from a model built on the meta device (no memory, no weights) with the measurement's allocation code."""
     model = build_model(spec.model_copy(update={"impl": "ref"}), device="meta", dtype=dtype)
     return {
         "kind": spec.kind if spec.kind != "hybrid" else f"hybrid {spec.layout}",
         "params": model.num_params(),
         "params_non_embedding": model.num_params(non_embedding=True),
         "flops_per_token": model.prefill_flops(seq_len) / seq_len,
-        "cache_bytes": model.allocate_cache(1, seq_len, device="meta").nbytes(),
+        "cache_bytes": model.allocate_cache(1, context or seq_len, device="meta").nbytes(),
     }

@@ -10,13 +10,14 @@ Without a CUDA device it says so and exits 2, before importing any kernel.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from seqbench import ops
+import seqbench.ops as ops
 
 NO_CUDA = ("no CUDA device: torch sees none on this machine, and gpu-check needs one "
            "(without a GPU, `make test` runs the contract tests against the kernels' references)")
@@ -122,8 +123,9 @@ def kernel_parity(device: str = "cuda") -> list[Parity]:
     return results
 
 
-def parity_report(echo: Callable[[str], None]) -> int:
-    """Print the parity table on CUDA; return the number of failures."""
+def parity_report(console) -> int:
+    """Print the parity table on CUDA to a rich console; return the number of failures."""
+    echo = functools.partial(console.print, highlight=False)
     echo(f"kernel parity on {torch.cuda.get_device_name()} (fast vs reference):")
     results = kernel_parity()
     for r in results:
@@ -131,8 +133,10 @@ def parity_report(echo: Callable[[str], None]) -> int:
     return sum(not r.ok for r in results)
 
 
-def sweep_report(exp, echo: Callable[[str], None]) -> int:
-    """Run the experiment into a new run folder, one PASS/FAIL line per point; return the failures."""
+def sweep_report(exp, console, failed: int = 0) -> int:
+    """Run the experiment into a new run folder, one PASS/FAIL line per point, then the verdict with the
+    ``failed`` checks before it; return the exit code (1 on any failure)."""
+    echo = functools.partial(console.print, highlight=False)
     from seqbench.run import sweep
 
     state = sweep.prepare_run(exp)
@@ -144,4 +148,6 @@ def sweep_report(exp, echo: Callable[[str], None]) -> int:
                 if r["status"] == "ok" else f"{r['status']}: {r['error']}")
         echo(f"{'PASS' if r['status'] == 'ok' else 'FAIL'}  {r['model']:<12} {r['workload']:<8} b={r['batch']} "
              f"L={r['seq_len']:<6} {what}")
-    return sum(r["status"] != "ok" for r in rows)
+    failed += sum(r["status"] != "ok" for r in rows)
+    echo("all passed" if not failed else f"FAILED: {failed} failures")
+    return 1 if failed else 0
