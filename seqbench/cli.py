@@ -33,16 +33,21 @@ def _load(config: Path) -> Experiment:
         fail(str(e))
 
 
-def _preflight(exp: Experiment, config: Path):
-    """Resolve the device and check that every demanded fast kernel can run, before anything is measured."""
+def _preflight(exp: Experiment, config: Path, dry_run: bool = False):
+    """Resolve the device and check the demanded kernels and graphs; a dry run plans anyway, saying why not."""
     from seqbench.models import preflight_kernels
+    from seqbench.run.cudagraph import preflight_graphs
     from seqbench.run.provenance import resolve_device
 
     try:
         device = resolve_device(exp.device)
         preflight_kernels(exp, device)
+        preflight_graphs(exp, device)
     except RuntimeError as e:
-        fail(f"{config}: {e}")
+        if not dry_run:
+            fail(f"{config}: {e}")
+        err.print(f"[yellow]note[/]: a run would stop here: {escape(str(e))}", highlight=False)
+        return "cpu" if exp.device == "auto" else exp.device
     return device
 
 
@@ -56,7 +61,7 @@ def run(
 ) -> None:
     """Run an experiment: build the models, sweep the grid, write the run folder."""
     exp = _load(config)
-    device = _preflight(exp, config)
+    device = _preflight(exp, config, dry_run)
     from seqbench.run import sweep
 
     if dry_run:
@@ -111,21 +116,37 @@ def run(
 
 
 def _print_plan(exp: Experiment, device: str) -> None:
+    from seqbench.formatting import fmt_bytes
     from seqbench.models import describe_model
     from seqbench.run.sweep import plan_grid
 
     grid = plan_grid(exp)
+    cache_len = exp.sweep.max_context()
     table = Table(title=f"{exp.name}: {len(grid)} points on {device} ({exp.dtype})", title_justify="left")
-    for col in ("model", "kind", "layers", "params", "non-embedding", "FLOPs/token @ max L"):
-        table.add_column(col, justify="left" if col in ("model", "kind") else "right")
-    max_len = max(exp.sweep.seq_lens)
+    for col in ("model", "kind", "layers", "d_model", "params", "non-embedding", "FLOPs/token @ max L",
+                f"cache/sequence @ L={cache_len:,}"):
+        table.add_column(col, justify="left" if col in ("model", "kind") else "right", no_wrap=True)
     for spec in exp.models:
-        info = describe_model(spec, max_len)
-        table.add_row(spec.name, info["kind"], str(spec.n_layers), f"{info['params']:,}",
-                      f"{info['params_non_embedding']:,}", f"{info['flops_per_token']:.3g}")
-    out.print(table)
-    out.print(f"workloads {exp.sweep.workloads} × batch {exp.sweep.batch} × seq_lens {exp.sweep.seq_lens} "
-              f"× {len(exp.models)} models = {len(grid)} points", highlight=False)
+        info = describe_model(spec, max(exp.sweep.all_seq_lens()), exp.dtype, cache_len)
+        counts = (spec.n_layers, spec.d_model, info["params"], info["params_non_embedding"])
+        table.add_row(spec.name, info["kind"], *(f"{c:,}" for c in counts), f"{info['flops_per_token']:.3g}",
+                      fmt_bytes(info["cache_bytes"]))
+    Console(width=max(out.width, 150)).print(table)  # never truncate the counts, even in a narrow pipe
+    grids = [f"workloads {g.workloads} × batch {g.batch} × seq_lens {g.seq_lens}" for g in exp.sweep.grids()]
+    out.print(" +\n".join(grids) + f"\n× {len(exp.models)} models = {len(grid)} points", highlight=False)
+
+
+@app.command("gpu-check")
+def gpu_check(config: Path = typer.Argument(Path("configs/gpu-check.yaml"), help="the short sweep to run")) -> None:
+    """On a GPU: fast kernels against references, then a short bf16 sweep; exit 1 on a failure, 2 without CUDA."""
+    from seqbench.run import gpu_check as check
+
+    if not check.has_cuda():
+        fail(check.NO_CUDA)
+    exp = _load(config)
+    failed = check.parity_report(out)
+    _preflight(exp, config)
+    raise typer.Exit(check.sweep_report(exp, out, failed))
 
 
 @app.command()

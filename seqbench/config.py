@@ -140,21 +140,17 @@ class ModelSpec(_Strict):
         return self
 
 
-class SweepSpec(_Strict):
+class GridSpec(_Strict):
+    """A grid of the sweep: every workload × batch × length."""
+
     seq_lens: list[PositiveInt]
     batch: list[PositiveInt] = [1]
     workloads: list[Literal["prefill", "decode", "train"]] = ["prefill", "decode"]
-    new_tokens: PositiveInt = 32
 
-    @field_validator("seq_lens", mode="before")
+    @field_validator("seq_lens", "batch", mode="before")
     @classmethod
     def _expand(cls, v: Any) -> list[int]:
         return parse_seq_lens(v)
-
-    @field_validator("batch", mode="before")
-    @classmethod
-    def _batch_list(cls, v: Any) -> Any:
-        return [v] if isinstance(v, int) else v
 
     @field_validator("seq_lens", "batch", "workloads")
     @classmethod
@@ -162,6 +158,22 @@ class SweepSpec(_Strict):
         if not v:
             raise ValueError("must not be empty")
         return list(dict.fromkeys(v))
+
+
+class SweepSpec(GridSpec):
+    new_tokens: PositiveInt = 32
+    also: list[GridSpec] = Field(default_factory=list, description="further grids with their own lengths, "
+                                 "batches and workloads, e.g. decode throughput against batch at one context")
+
+    def grids(self) -> list[GridSpec]:
+        return [self, *self.also]
+
+    def all_seq_lens(self) -> list[int]:
+        return sorted({n for g in self.grids() for n in g.seq_lens})
+
+    def max_context(self) -> int:
+        """The largest decode context (the largest length when nothing decodes): the cache a run must hold."""
+        return max([n for g in self.grids() if "decode" in g.workloads for n in g.seq_lens] or self.all_seq_lens())
 
 
 class MeasureSpec(_Strict):
@@ -176,6 +188,13 @@ class MeasureSpec(_Strict):
     calibrate: bool = True
     remeasure: Annotated[int, Field(ge=0)] = Field(
         2, description="after the grid, measure points flagged noisy again, up to this many rounds")
+    cuda_graph: Literal["auto", "on", "off"] = Field(
+        "auto", description="decode on CUDA: replay one captured step (auto = on CUDA; on = CUDA required)")
+
+    @field_validator("cuda_graph", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v: Any) -> Any:
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # YAML reads on/off as booleans
 
 
 class MatchSpec(_Strict):
@@ -233,7 +252,7 @@ def _fields_at(loc: tuple) -> list[str]:
         if ann is None:
             break
         target = ann.annotation
-        for candidate in (ModelSpec, SweepSpec, MeasureSpec, MatchSpec):
+        for candidate in (ModelSpec, SweepSpec, GridSpec, MeasureSpec, MatchSpec):
             if target is candidate or candidate in getattr(target, "__args__", ()):
                 model = candidate
     return list(model.model_fields)

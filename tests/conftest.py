@@ -18,3 +18,4 @@ def write_config(tmp_path):
         return path
 
     return _write
+

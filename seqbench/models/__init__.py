@@ -79,34 +79,63 @@ def build_model(
 
 # The kernels each mixer kind runs, for checking `impl: fast` before a sweep starts.
 OPS_BY_KIND: dict[str, tuple[str, ...]] = {
-    "attention": ("attention",),
+    "attention": ("attention", "attention_kvcache"),
     "s4d": ("fft_conv",),
     "mamba": ("causal_conv1d", "causal_conv1d_update", "selective_scan", "selective_state_update"),
     "mamba2": ("causal_conv1d", "causal_conv1d_update", "ssd", "selective_state_update"),
 }
 
 
+def continues_prefill(exp) -> bool:
+    """Whether some prompt of the sweep is fed in more than one chunk, i.e. a prefill starts at start > 0."""
+    chunk = exp.measure.prefill_chunk
+    return chunk is not None and any(
+        max(g.seq_lens) > chunk for g in exp.sweep.grids() if {"prefill", "decode"} & set(g.workloads)
+    )
+
+
+def _continued_prefill_refusal(spec: ModelSpec) -> str | None:
+    """Why the fast kernels of this model cannot continue a prefill from a cached state, or None."""
+    kinds = set(spec.layer_kinds())
+    if "mamba" in kinds:
+        return "mamba_ssm's selective_scan_fn cannot start from a cached state"
+    conv_dim = spec.expand * spec.d_model + 2 * spec.ngroups * (spec.d_state or 128)
+    if "mamba2" in kinds and conv_dim % 8:
+        return f"causal_conv1d takes a cached state only with conv channels % 8 == 0 (mamba2 has {conv_dim})"
+    return None
+
+
 def preflight_kernels(exp, device: torch.device) -> None:
-    """Raise RuntimeError naming the model if a model demands fast kernels that cannot run on ``device``."""
-    from seqbench.ops import fast_available
+    """Raise RuntimeError naming the model if a model demands fast kernels that cannot run on ``device``
+    in the experiment's dtype, or cannot do what the sweep asks of them (continue a chunked prefill)."""
+    from seqbench.ops import fast_unusable
 
     for i, spec in enumerate(exp.models):
         if spec.impl != "fast":
             continue
+        refusal = _continued_prefill_refusal(spec) if continues_prefill(exp) else None
+        if refusal is not None:
+            raise RuntimeError(
+                f"models[{i}] '{spec.name}' asks for impl: fast, but measure.prefill_chunk "
+                f"({exp.measure.prefill_chunk}) continues prompts from a cached state and {refusal}; "
+                f"use impl: auto (the reference for those calls, recorded in impl_used) or impl: ref"
+            )
         for op in dict.fromkeys(o for kind in spec.layer_kinds() for o in OPS_BY_KIND[kind]):
-            reason = fast_available(op)
-            if reason is None and device.type != "cuda":
-                reason = f"fast kernels run on CUDA only, but the device is '{device}'"
+            reason = fast_unusable(op, device, DTYPES[exp.dtype])
             if reason is not None:
                 raise RuntimeError(f"models[{i}] '{spec.name}' asks for impl: fast, but op '{op}' cannot run: {reason}")
 
 
-def describe_model(spec: ModelSpec, seq_len: int) -> dict:
-    """Parameter counts and FLOPs per token, from a model built on the meta device (no memory, no weights)."""
-    model = build_model(spec.model_copy(update={"impl": "ref"}), device="meta")
+def describe_model(
+    spec: ModelSpec, seq_len: int, dtype: torch.dtype | str = torch.float32, context: int | None = None
+) -> dict:
+    """Parameter counts, FLOPs per token at ``seq_len`` and the cache one sequence holds at ``context`` (default
+    seq_len), from a model built on the meta device (no memory, no weights) with the measurement's allocation code."""
+    model = build_model(spec.model_copy(update={"impl": "ref"}), device="meta", dtype=dtype)
     return {
         "kind": spec.kind if spec.kind != "hybrid" else f"hybrid {spec.layout}",
         "params": model.num_params(),
         "params_non_embedding": model.num_params(non_embedding=True),
         "flops_per_token": model.prefill_flops(seq_len) / seq_len,
+        "cache_bytes": model.allocate_cache(1, context or seq_len, device="meta").nbytes(),
     }

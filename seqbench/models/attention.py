@@ -60,13 +60,15 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=False, **kw)
         self.kv_proj = nn.Linear(d_model, 2 * n_kv_heads * self.head_dim, bias=False, **kw)
         self.out_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False, **kw)
-        self._attn, self.impl_used = get("attention", impl, device or "cpu")
+        self._attn, self.impl_used = get("attention", impl, device or "cpu", dtype)
+        self._attn_step, _ = get("attention_kvcache", impl, device or "cpu", dtype)
 
-    def _qkv(self, x: Tensor, start: int) -> tuple[Tensor, Tensor, Tensor]:
+    def _qkv(self, x: Tensor, start: int | Tensor) -> tuple[Tensor, Tensor, Tensor]:
         b, l, _ = x.shape
         q = self.q_proj(x).view(b, l, self.n_heads, self.head_dim)  # (b, l, h, hd)
         k, v = self.kv_proj(x).view(b, l, 2, self.n_kv_heads, self.head_dim).unbind(2)  # (b, l, kvh, hd)
-        positions = torch.arange(start, start + l, device=x.device)
+        # A position tensor (a decode step under a CUDA graph) stays on the device: no host read, static shapes.
+        positions = start if isinstance(start, Tensor) else torch.arange(start, start + l, device=x.device)
         cos, sin = rope_angles(positions, self._inv_freq.to(x.device))
         return rope(q, cos, sin), rope(k, cos, sin), v
 
@@ -83,12 +85,12 @@ class Attention(nn.Module):
         y = self._attn(q, k, v, causal=True)  # (b, l, h, hd)
         return self.out_proj(y.reshape(b, l, self.d_model))
 
-    def step(self, x: Tensor, cache: dict[str, Tensor], pos: int) -> Tensor:
+    def step(self, x: Tensor, cache: dict[str, Tensor], pos: int | Tensor) -> Tensor:
+        """One token at position ``pos`` (an int, or a (1,) device tensor for a captured CUDA graph); k and v are
+        appended to the cache in place by the same kernel that attends (flash_attn_with_kvcache on the fast path)."""
         b = x.shape[0]
         q, k, v = self._qkv(x, pos)  # (b, 1, *, hd)
-        cache["k"][:b, pos : pos + 1] = k
-        cache["v"][:b, pos : pos + 1] = v
-        y = self._attn(q, cache["k"][:b, : pos + 1], cache["v"][:b, : pos + 1], causal=True)  # (b, 1, h, hd)
+        y = self._attn_step(q, cache["k"][:b], cache["v"][:b], k, v, pos)  # (b, 1, h, hd)
         return self.out_proj(y.reshape(b, 1, self.d_model))
 
     def allocate_cache(

@@ -6,6 +6,8 @@ Mixer contract (docs/design.md, "The mixer contract"), with one addition: absolu
   With a cache it is a prefill: it reads the state left by positions ``< start`` (when ``start > 0``)
   and leaves the state after position ``start+l-1`` (SSMs) or the K/V of those positions (attention).
 - ``step(x, cache, pos) -> y``: x (b, 1, d) is the token at position ``pos``; updates ``cache`` in place.
+  ``pos`` is an int, or a (1,) integer tensor on the device (a step captured in a CUDA graph: static shapes,
+  no host read); mixers whose state does not depend on the position ignore it.
 - ``allocate_cache(batch, max_len, dtype, device) -> dict[str, Tensor]``: allocated once, before timing.
 - ``prefill_flops(seq_len)``: forward FLOPs (2 per multiply-add) of one sequence of ``seq_len`` tokens that
   leaves its cache (K/V written, final state kept), as serving's prefill does;
@@ -73,7 +75,7 @@ class Block(nn.Module):
         x = x + self.mixer(self.norm(x), cache, start)
         return self._mlp(x)
 
-    def step(self, x: Tensor, cache: dict[str, Tensor], pos: int) -> Tensor:
+    def step(self, x: Tensor, cache: dict[str, Tensor], pos: int | Tensor) -> Tensor:
         x = x + self.mixer.step(self.norm(x), cache, pos)
         return self._mlp(x)
 
@@ -155,10 +157,19 @@ class SeqModel(nn.Module):
         pos = cache.seqlen
         if pos >= cache.max_len:
             raise ValueError(f"cache is full ({cache.max_len} positions)")
+        logits = self.step_at(token, cache, pos)
+        cache.seqlen = pos + 1
+        return logits
+
+    def step_at(self, token: Tensor, cache: ModelCache, pos: int | Tensor) -> Tensor:
+        """The decode step at an explicit position, leaving ``cache.seqlen`` to the caller.
+
+        With ``pos`` a (1,) integer tensor on the model's device, nothing is read back to the host and every
+        shape is static, so the call can be captured once in a CUDA graph and replayed (the graph advances pos).
+        """
         x = self.embed(token)  # (b, 1, d)
         for block, layer_cache in zip(self.blocks, cache.layers, strict=True):
             x = block.step(x, layer_cache, pos)
-        cache.seqlen = pos + 1
         return self.head(self.norm(x[:, -1]))
 
     def allocate_cache(

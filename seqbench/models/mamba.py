@@ -74,9 +74,27 @@ class Mamba(nn.Module):
         self._conv_update, l_conv_up = get("causal_conv1d_update", impl, dev)
         self._scan, l_scan = get("selective_scan", impl, dev)
         self._state_update, l_step = get("selective_state_update", impl, dev)
-        labels = (l_conv, l_scan, l_conv_up, l_step)
-        # All four from the torch reference: one label. Otherwise every distinct kernel, prefill ones first.
-        self.impl_used = l_scan if all(l.startswith("torch") for l in labels) else "+".join(dict.fromkeys(labels))
+        # A continued prefill (start > 0) starts from the cached state, which mamba_ssm's selective_scan_fn cannot
+        # take and causal_conv1d takes only with channels % 8 == 0: under `auto` those calls use the reference.
+        # (`fast` keeps the fast kernels, which refuse; the sweep's preflight stops such a config first.)
+        cont = "ref" if impl == "auto" else impl
+        self._scan_cont, l_scan_cont = get("selective_scan", cont, dev)
+        self._conv_cont, l_conv_cont = get("causal_conv1d", cont if self.d_inner % 8 else impl, dev)
+        self._continued = False  # whether the last forward continued a cached state
+        self._labels = (
+            self._label(l_conv, l_scan, l_conv_up, l_step),
+            self._label(l_conv, l_scan, l_conv_cont, l_scan_cont, l_conv_up, l_step),
+        )
+
+    @staticmethod
+    def _label(*labels: str) -> str:
+        """One 'torch-chunked' when every kernel is the torch reference, else every distinct kernel in order."""
+        return "torch-chunked" if all(l.startswith("torch") for l in labels) else "+".join(dict.fromkeys(labels))
+
+    @property
+    def impl_used(self) -> str:
+        """The kernels of the last forward (and of step): a continued prefill adds the ones it fell back to."""
+        return self._labels[self._continued]
 
     @torch.no_grad()
     def _init_dt(self, dt_init: str, dt_scale: float, dt_min: float, dt_max: float, floor: float) -> None:
@@ -113,7 +131,9 @@ class Mamba(nn.Module):
         conv_state = ssm_state = None
         if cache is not None:
             conv_state, ssm_state = cache["conv_state"][:b], cache["ssm_state"][:b]
-        xs = self._conv(
+        self._continued = start > 0
+        conv, scan = (self._conv_cont, self._scan_cont) if self._continued else (self._conv, self._scan)
+        xs = conv(
             xc, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",
             initial_state=conv_state if start > 0 else None,
         )  # (b, d_inner, l)
@@ -123,7 +143,7 @@ class Mamba(nn.Module):
             fill_conv_state(conv_state, xc)
         dt, B, C = torch.matmul(self.x_proj.weight, xs).split([self.dt_rank, self.d_state, self.d_state], dim=1)
         dt = torch.matmul(dt.transpose(1, 2), self.dt_proj.weight.t())  # (b, l, d_inner), bias added in the scan
-        out = self._scan(
+        out = scan(
             xs, dt.transpose(1, 2), self._A(), B, C, self.D.float(), z.transpose(1, 2),  # B, C: (b, n, l)
             delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
             initial_state=ssm_state if start > 0 else None, return_final_state=ssm_state is not None,

@@ -153,7 +153,20 @@ class Mamba2(nn.Module):
         self._conv, l_conv = get("causal_conv1d", impl, dev)
         self._conv_update, l_conv_up = get("causal_conv1d_update", impl, dev)
         self._state_update, l_step = get("selective_state_update", impl, dev)
-        self.impl_used = "+".join(dict.fromkeys((l_ssd, l_conv, l_conv_up, l_step)))
+        # A continued prefill (start > 0) hands causal_conv1d the cached inputs, which it takes only with
+        # conv_dim % 8 == 0: otherwise `auto` uses the reference conv for those calls (`fast` refuses).
+        conv_cont = "ref" if impl == "auto" and self.conv_dim % 8 else impl
+        self._conv_cont, l_conv_cont = get("causal_conv1d", conv_cont, dev)
+        self._continued = False  # whether the last forward continued a cached state
+        self._labels = (
+            "+".join(dict.fromkeys((l_ssd, l_conv, l_conv_up, l_step))),
+            "+".join(dict.fromkeys((l_ssd, l_conv, l_conv_cont, l_conv_up, l_step))),
+        )
+
+    @property
+    def impl_used(self) -> str:
+        """The kernels of the last forward (and of step): a continued prefill adds the ones it fell back to."""
+        return self._labels[self._continued]
 
     # --- pieces shared by forward and step ------------------------------------------------------
     def _split(self, zxbcdt: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -189,7 +202,9 @@ class Mamba2(nn.Module):
         if cache is not None:
             conv_state, ssm_state = cache["conv_state"][:b], cache["ssm_state"][:b]
         prev = conv_state if start > 0 else None
-        xBC_act = self._conv(xBC, self._conv_weight(), self.conv1d.bias, activation="silu", initial_state=prev)
+        self._continued = start > 0
+        conv = self._conv_cont if self._continued else self._conv
+        xBC_act = conv(xBC, self._conv_weight(), self.conv1d.bias, activation="silu", initial_state=prev)
         if conv_state is not None:
             if start == 0:
                 conv_state.zero_()  # a fresh sequence: inputs before position 0 are zeros

@@ -21,6 +21,7 @@ INSTALL_HINT = "pip install 'seqbench[cuda]'"
 # op -> (distribution / top-level module, module holding the kernel)
 _KERNEL_MODULES: dict[str, tuple[str, str]] = {
     "attention": ("flash_attn", "flash_attn"),
+    "attention_kvcache": ("flash_attn", "flash_attn"),
     "causal_conv1d": ("causal_conv1d", "causal_conv1d"),
     "causal_conv1d_update": ("causal_conv1d", "causal_conv1d"),
     "selective_scan": ("mamba_ssm", "mamba_ssm.ops.selective_scan_interface"),
@@ -53,18 +54,40 @@ def unavailable_reason(op: str) -> str | None:
     return None
 
 
-def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True) -> Tensor:
-    """flash_attn_func: q (b, l, h, hd), k/v (b, s, kvh, hd); causal mask aligned bottom-right; fp16/bf16 only."""
+def _half_only(q: Tensor) -> None:
     if q.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"flash_attn runs in float16/bfloat16 only, got {q.dtype}; use impl='ref' for {q.dtype}")
+
+
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True) -> Tensor:
+    """flash_attn_func: q (b, l, h, hd), k/v (b, s, kvh, hd); causal mask aligned bottom-right; fp16/bf16 only."""
+    _half_only(q)
     from flash_attn import flash_attn_func
 
     return flash_attn_func(q, k, v, causal=causal)
 
 
-def _channel_last(t: Tensor) -> Tensor:
-    """(b, d, l) with stride 1 along d, the layout causal_conv1d needs for initial states."""
-    return t.transpose(1, 2).contiguous().transpose(1, 2)
+def flash_attention_kvcache(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, pos: int | Tensor
+) -> Tensor:
+    """flash_attn_with_kvcache: appends k/v (b, 1, kvh, hd) at ``pos`` in place and attends over 0..pos in one
+    kernel (splitting the keys across blocks for one-token queries). ``pos`` is an int or a device tensor, which
+    becomes cache_seqlens (b,) int32, the form a captured CUDA graph can replay."""
+    _half_only(q)
+    from flash_attn import flash_attn_with_kvcache
+
+    seqlens = pos if isinstance(pos, int) else pos.to(torch.int32).expand(q.shape[0]).contiguous()
+    return flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=seqlens, causal=True)
+
+
+def _conv_layout(x: Tensor, channel_last: bool) -> Tensor:
+    """x (b, d, l) in a layout causal_conv1d's C++ entry point accepts: contiguous (b, d, l), or channel-last
+    (stride 1 along d) with stride(0) and stride(2) multiples of 8 (which needs d % 8 == 0)."""
+    if not channel_last:
+        return x.contiguous()
+    if x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.stride(2) % 8 == 0:
+        return x
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def causal_conv1d(
@@ -74,14 +97,20 @@ def causal_conv1d(
     activation: str | None = None,
     initial_state: Tensor | None = None,
 ) -> Tensor:
-    """causal_conv1d_fn; initial_state (b, d, >= w-1) is passed as its last w-1 columns, channel-last."""
+    """causal_conv1d_fn. Without an initial state x goes in as contiguous (b, d, l); with one, the kernel
+    accepts only the channel-last layout, which needs d % 8 == 0, and takes the state's last w-1 columns."""
     from causal_conv1d import causal_conv1d_fn
 
     if initial_state is None:
-        return causal_conv1d_fn(x, weight, bias, activation=activation)
+        return causal_conv1d_fn(_conv_layout(x, False), weight, bias, activation=activation)
+    if x.shape[1] % 8:
+        raise ValueError(
+            f"causal_conv1d takes an initial state only in the channel-last layout, which needs channels % 8 == 0 "
+            f"(got {x.shape[1]}); use impl='ref' (torch-conv1d) for a prefill that continues a cached state"
+        )
     w = weight.shape[-1]
-    init = _channel_last(initial_state[..., initial_state.shape[-1] - (w - 1) :].to(x.dtype))
-    return causal_conv1d_fn(_channel_last(x), weight, bias, initial_states=init, activation=activation)
+    init = _conv_layout(initial_state[..., initial_state.shape[-1] - (w - 1) :].to(x.dtype), True)
+    return causal_conv1d_fn(_conv_layout(x, True), weight, bias, initial_states=init, activation=activation)
 
 
 def causal_conv1d_update(

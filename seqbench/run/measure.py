@@ -1,7 +1,9 @@
 """Timers, sample statistics, the one-benchmark-at-a-time lock and peak-memory trackers (docs/design.md, "Measurement").
 
 CPU timing uses ``time.perf_counter``; CUDA timing uses CUDA events recorded on the current stream and read
-after a synchronize, so host-side launch overhead is not mistaken for kernel time. ``PeakMemory`` is the
+after a synchronize. Events measure the GPU's timeline, which includes the gaps while it waits for the host to
+launch the next kernel: a launch-bound call (a decode step) is timed with its launch overhead, which is why
+decode on CUDA replays a captured graph (run/cudagraph.py). ``PeakMemory`` is the
 process view (the ``peak_rss_bytes`` column): the kernel's own high-water mark, after writing ``5`` to
 ``/proc/self/clear_refs`` (resets VmHWM to the current RSS), minus the baseline ``VmRSS``. It depends on what
 glibc kept from earlier points; the workload's own peak (``peak_mem_bytes``) is counted in seqbench/run/memory.py.
@@ -192,13 +194,15 @@ def release_free_memory() -> None:
 class PeakMemory:
     """Context manager: ``peak_bytes`` = peak memory inside the block above the memory at entry.
 
-    CUDA: torch.cuda.reset_peak_memory_stats / max_memory_allocated (allocator-level, exact).
+    CUDA: torch.cuda.reset_peak_memory_stats / max_memory_allocated (allocator-level, exact), and
+    ``reserved_bytes``: the most the caching allocator held from the device meanwhile (max_memory_reserved).
     CPU (Linux): VmHWM after resetting it through /proc/self/clear_refs, minus VmRSS at entry (page-level).
     """
 
     def __init__(self, device: torch.device):
         self.device = device
         self.peak_bytes: int | None = None
+        self.reserved_bytes: int | None = None  # CUDA only
 
     def __enter__(self) -> "PeakMemory":
         if self.device.type == "cuda":
@@ -228,5 +232,6 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             self.peak_bytes = max(0, torch.cuda.max_memory_allocated() - self._base)
+            self.reserved_bytes = torch.cuda.max_memory_reserved()
         else:
             self.peak_bytes = max(0, _proc_status_kib("VmHWM") * 1024 - self._base)

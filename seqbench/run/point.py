@@ -31,7 +31,7 @@ MEASUREMENT_COLUMNS = (  # docs/design.md column order, then the extras
     "tokens_per_s", "latency_per_token_s", "cache_bytes", "peak_mem_bytes", "param_count", "param_bytes",
     "flops_per_token", "achieved_flops_per_s", "achieved_bytes_per_s",
     "time_p90_s", "latency_p90_s", "param_count_non_embedding", "frac_peak_flops", "frac_peak_bytes",
-    "peak_rss_bytes", "cache_dtype", "remeasure_rounds",
+    "peak_rss_bytes", "cache_dtype", "remeasure_rounds", "cuda_graph", "peak_reserved_bytes",
 )
 COLUMNS = (
     "run_id", "model", "kind", "layout", "impl_used", "device", "dtype", "threads", "workload", "batch", "seq_len",
@@ -166,7 +166,10 @@ def _measure(spec: PointSpec, exp: Experiment, model: SeqModel, deadline: float)
     device = torch.device(spec.device)
     ms = exp.measure
     clock = Clock(device)
-    opts = {"prefill_chunk": ms.prefill_chunk}
+    # decode on CUDA replays one captured step unless measure.cuda_graph is off ("on" without CUDA is refused
+    # before the sweep)
+    graphed = spec.workload == "decode" and device.type == "cuda" and ms.cuda_graph != "off"
+    opts = {"prefill_chunk": ms.prefill_chunk, "cuda_graph": graphed}
     with PeakMemory(device) as rss:
         workload = WORKLOADS[spec.workload](model, spec.batch, spec.seq_len, device, exp.seed, **opts)
         if workload.per_step:
@@ -200,6 +203,8 @@ def _measure(spec: PointSpec, exp: Experiment, model: SeqModel, deadline: float)
         cache_dtype=workload.cache.dtype_label() if workload.cache is not None else None,
         peak_mem_bytes=peak_mem_bytes,
         peak_rss_bytes=rss.peak_bytes,
+        peak_reserved_bytes=rss.reserved_bytes,
+        cuda_graph=graphed,
         param_count=model.num_params(),
         param_count_non_embedding=model.num_params(non_embedding=True),
         param_bytes=model.param_bytes(),

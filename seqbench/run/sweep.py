@@ -12,9 +12,11 @@ everywhere it is read (resume, results.csv, plots).
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import signal
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,12 +43,13 @@ class Interrupted(Exception):
 def plan_grid(exp: Experiment) -> list[Key]:
     names = [m.name for m in exp.models]
     grid: list[Key] = []
-    for workload in exp.sweep.workloads:
-        for batch in exp.sweep.batch:
-            for i, seq_len in enumerate(exp.sweep.seq_lens):
-                order = names if i % 2 == 0 else names[::-1]
-                grid.extend((name, workload, batch, seq_len) for name in order)
-    return grid
+    for spec in exp.sweep.grids():
+        for workload in spec.workloads:
+            for batch in spec.batch:
+                for i, seq_len in enumerate(spec.seq_lens):
+                    order = names if i % 2 == 0 else names[::-1]
+                    grid.extend((name, workload, batch, seq_len) for name in order)
+    return list(dict.fromkeys(grid))  # a point two grids share is measured once
 
 
 def new_run_dir(exp: Experiment, out: str | Path | None = None) -> Path:
@@ -131,6 +134,14 @@ def run_sweep(
         raise Interrupted from None
 
 
+def probe_device(device: str, dtype: str, seed: int, threads: int | None, calibrate_peaks: bool):
+    """The environment snapshot and, if asked, the roofline calibration (both touch the device)."""
+    if threads:
+        torch.set_num_threads(threads)
+    env = snapshot(torch.device(device), dtype, seed)
+    return env, calibrate(torch.device(device), DTYPES[dtype]) if calibrate_peaks else None
+
+
 def _run_sweep(state: SweepState, on_start, on_done) -> list[dict]:
     exp = state.exp
     if exp.threads:
@@ -141,11 +152,17 @@ def _run_sweep(state: SweepState, on_start, on_done) -> list[dict]:
     if env_path.exists():  # a resumed run keeps its first environment and records each later one beside it
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         env_path = state.run_dir / f"env-resumed-{stamp}.json"
-    env_path.write_text(json.dumps(snapshot(device, exp.dtype, exp.seed), indent=2))
     cal_path = state.run_dir / "calibration.json"
     calibration = json.loads(cal_path.read_text()) if cal_path.exists() else None
-    if calibration is None and exp.measure.calibrate:
-        calibration = calibrate(device, DTYPES[exp.dtype])
+    args = (str(device), exp.dtype, exp.seed, exp.threads, calibration is None and exp.measure.calibrate)
+    if exp.measure.isolation == "process":  # the parent never creates a CUDA context: the workers get the memory
+        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+            env, measured = pool.submit(probe_device, *args).result()
+    else:
+        env, measured = probe_device(*args)
+    env_path.write_text(json.dumps(env, indent=2))
+    if measured is not None:
+        calibration = measured
         cal_path.write_text(json.dumps(calibration, indent=2))
 
     grid = plan_grid(exp)

@@ -8,7 +8,8 @@ processes, the FLOPs / bytes that call moves (for the roofline columns) and the 
            logits. ``prefill_chunk`` feeds the prompt through the whole stack in chunks of that many tokens.
 - decode:  allocate the cache for L + 1 positions and prefill L context tokens (untimed); every call is ONE
            step at context L (the position is rewound to L before each, so the cache never fills, whatever
-           warmup and new_tokens are); exactly ``new_tokens`` steps are timed, each separately.
+           warmup and new_tokens are); exactly ``new_tokens`` steps are timed, each separately. With
+           ``cuda_graph`` the step is captured in a CUDA graph on the first call and replayed (run/cudagraph.py).
 - train:   forward + backward of a next-token cross-entropy loss over b×L tokens (no optimizer step).
 """
 
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from seqbench.models.base import ModelCache, SeqModel
+from seqbench.run.cudagraph import GraphedDecode
 
 
 @dataclass
@@ -55,6 +57,7 @@ def prefill(model: SeqModel, batch: int, seq_len: int, device: torch.device, see
 
 
 def decode(model: SeqModel, batch: int, seq_len: int, device: torch.device, seed: int, **opts) -> Workload:
+    graphed = opts.get("cuda_graph", False)
     model.eval()
     context = _tokens(model, batch, seq_len, device, seed)
     token = _tokens(model, batch, 1, device, seed + 1)
@@ -62,10 +65,13 @@ def decode(model: SeqModel, batch: int, seq_len: int, device: torch.device, seed
     with torch.inference_mode():
         model.prefill(context, cache, chunk_len=opts.get("prefill_chunk"))
 
-    def call() -> torch.Tensor:
+    def step() -> torch.Tensor:
         cache.seqlen = seq_len  # each step is the one at context seq_len (its K/V slot is overwritten)
         with torch.inference_mode():
             return model.step(token, cache)  # (b, vocab)
+
+    # on CUDA: that step captured on the first call, replayed for every later one
+    call = GraphedDecode(model, cache, token, seq_len) if graphed else step
 
     # The bytes the model allocates to hold exactly seq_len positions: the same allocation code, on the meta
     # device (no memory). The timed cache has one more position, the slot each step writes.

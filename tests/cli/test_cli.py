@@ -123,7 +123,10 @@ def test_env_reports_versions_and_kernels():
     snap = json.loads(result.output)
     assert snap["torch"] and snap["threads"] >= 1
     assert set(snap["kernels"]) == {"mamba_ssm", "causal_conv1d", "flash_attn", "triton"}
-    assert "pip install 'seqbench[cuda]'" in snap["fast_kernels"]["selective_scan"]
+    # no GPU here: either the package is missing (and the fix is named) or it is installed (make test's
+    # contract copies) and the device is missing
+    reason = snap["fast_kernels"]["selective_scan"]
+    assert reason == "no CUDA device" or "pip install 'seqbench[cuda]'" in reason
 
 
 def test_models_lists_kind_and_published_presets():

@@ -42,6 +42,25 @@ def test_decode_parity(name, batch):
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
+def test_step_with_a_position_tensor_equals_the_int_step(name):
+    """step_at(pos tensor) is the step a CUDA graph captures: static shapes, no host read. Run uncaptured here,
+    it must give the logits and leave the cache of the int step at every position (attention masks the unwritten
+    tail of its cache instead of slicing it)."""
+    model, toks, t = make(name), tokens(2, 16), 5
+    with torch.no_grad():
+        by_int, by_tensor = model.allocate_cache(2, 16), model.allocate_cache(2, 16)
+        model.prefill(toks[:, :t], by_int)
+        model.prefill(toks[:, :t], by_tensor)
+        pos = torch.tensor([t])
+        for i in range(t, 16):
+            expected = model.step(toks[:, i : i + 1], by_int)
+            torch.testing.assert_close(model.step_at(toks[:, i : i + 1], by_tensor, pos), expected, rtol=1e-4, atol=1e-4)
+            pos.add_(1)
+        for a, b in zip(by_int.tensors(), by_tensor.tensors(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
 def test_chunked_prefill_equals_one_forward(name):
     model, toks = make(name), tokens(2, 37)
     with torch.no_grad():
