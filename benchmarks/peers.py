@@ -245,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every peer is built from a config in code
     torch.set_num_threads(a.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # its notes that the fused CUDA kernels are not installed
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in a.shapes.split(",")]
     kinds = [k for k in a.kinds.split(",") if k]
     unknown = sorted(set(kinds) - set(KINDS))
