@@ -243,3 +243,12 @@ def test_bad_sizes_are_refused():
         Mamba2(D_MODEL, headdim=12)
     with pytest.raises(ValueError, match="ngroups"):
         Mamba2(D_MODEL, headdim=16, ngroups=3)
+
+
+def test_chunk_size_is_the_fast_kernels_and_leaves_the_reference_output_unchanged():
+    """configs name chunk_size for the CUDA kernel; the reference blocks by shape, so any value gives the same
+    numbers (at l = 50, shorter than most of them and a multiple of none)."""
+    x = randn(3, 50, D_MODEL, seed=5)
+    with torch.no_grad():
+        outs = [make(chunk_size=q)(x) for q in (1, 8, 64, 256)]
+    assert all(torch.equal(y, outs[0]) for y in outs[1:])
