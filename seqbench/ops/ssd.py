@@ -19,8 +19,10 @@ The mask is never built per head when it can be avoided: L[i, j] = exp(cum_i - m
 a row and a column scale (m: half the block's total log-decay), so the diagonal block of all r heads of a
 group is one (q, q) @ (q, r p) product with the heads' scales applied to its input and output. The split is
 used when every block's total log-decay is within FACTOR_RANGE (both scales then stay within e^±60, normal
-float32 numbers, and every product keeps float32 relative precision). Otherwise (extreme Δ) the block falls
-back to the explicit (h, q, q) mask, whose log-decays are clamped to [MIN_LOG_DECAY, 0] before exp.
+float32 numbers, and every product keeps float32 relative precision). Otherwise (extreme Δ) the group falls
+back to the explicit (h, q, q) mask, whose log-decays are clamped to [MIN_LOG_DECAY, 0] before exp. The math
+is causal either way; the rounding of position i may depend on later Δ of its block (through m and the path
+taken), at the level of float32 rounding.
 
 The semantics are those of mamba_ssm's ``mamba_chunk_scan_combined`` (x (b, l, h, p), dt (b, l, h),
 A (h,), B/C (b, l, g, n) with g groups of h/g consecutive heads, D (h,) or (h, p), z gating

@@ -174,7 +174,9 @@ def test_causality(batch):
     changed[:, t + 1 :] += randn(batch, 30 - t - 1, D_MODEL, seed=5)
     with torch.no_grad():
         a, b = m(x), m(changed)
-    torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1], rtol=0, atol=0)
+    # The reference's split decay mask scales a whole block by half its total log-decay, so the rounding (not
+    # the math) of position i may depend on later Δ in its block: ~1e-7 here, where a real leak is O(1).
+    torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1], rtol=0, atol=1e-6)
     assert not torch.allclose(a[:, t + 1 :], b[:, t + 1 :])
 
 
