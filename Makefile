@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP_INSTALL) --upgrade pip
 	# torch first, pinned: a CPU build (see constraints.txt); never a CUDA download.
 	$(PIP_INSTALL) torch==2.13.0
-	$(PIP_INSTALL) -e '.[dev]'
+	$(PIP_INSTALL) -e '.[dev,bench]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -30,6 +30,7 @@ smoke: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/ops_bench.py
+	$(PY) benchmarks/peers.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check seqbench tests

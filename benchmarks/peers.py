@@ -94,7 +94,8 @@ def _mamba2(d: int, seed: int) -> tuple[nn.Module, dict[str, nn.Module]]:
 
 
 def _mamba(d: int, seed: int) -> tuple[nn.Module, dict[str, nn.Module]]:
-    from mambapy.mamba import MambaBlock, MambaConfig as PyConfig
+    from mambapy.mamba import MambaBlock
+    from mambapy.mamba import MambaConfig as PyConfig
     from transformers import MambaConfig
     from transformers.models.mamba.modeling_mamba import MambaMixer
 
