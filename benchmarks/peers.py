@@ -26,6 +26,7 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -266,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             ours, peers = build(kind, a.d_model, a.layers)
             for b, length in shapes:
                 for mode in a.modes.split(","):
+                    print(f"  measuring {kind} {b}x{length} {mode}", file=sys.stderr, flush=True)
                     cases.append(measure(kind, ours, peers, b, length, mode, a.repeats))
     report(cases, peak)
     return 0
