@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP_INSTALL) --upgrade pip
 	# torch first, pinned: a CPU build (see constraints.txt); never a CUDA download.
 	$(PIP_INSTALL) torch==2.13.0
-	$(PIP_INSTALL) -e '.[dev]'
+	$(PIP_INSTALL) -e '.[dev,bench]'
 	touch $(STAMP)
 
 $(CONTRACT_STAMP): $(STAMP) Makefile
@@ -44,6 +44,7 @@ smoke: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/ops_bench.py
+	$(PY) benchmarks/peers.py
 
 # On a GPU machine with the cuda extra installed (README "Running on a GPU"); on a CPU it exits 2.
 gpu-check: $(STAMP)

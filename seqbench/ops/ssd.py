@@ -5,21 +5,34 @@ State Space Duality", §6 (the SSD algorithm) and Listing 1. Per head h, with sc
 
     h_t = exp(Δ_t A) h_{t-1} + Δ_t x_t B_t^T        y_t = h_t C_t + D x_t        (state h_t: (p, n))
 
-The sequence is cut into chunks of Q positions. Inside a chunk the output is the quadratic, attention-like
-form y = (L ∘ C B^T)(Δ x), where L[i, j] = exp(Δ_{j+1} A + ... + Δ_i A) for i >= j (the 1-semiseparable
-mask); across chunks a linear recurrence passes one (p, n) state per head from chunk to chunk. So the work
-is O(l Q) for the diagonal blocks plus O(l n p) for the states, and no (b, l, h, p, n) tensor exists.
+The sequence is cut into blocks of q positions. Inside a block the output is the quadratic, attention-like
+form y = (L ∘ C B^T)(Δ x), where L[i, j] = exp(cum_i - cum_j) for i >= j (cum: the running sum of Δ A, the
+1-semiseparable mask); across blocks a linear recurrence passes one (p, n) state per head from block to
+block. So the work is O(l q) for the diagonal blocks plus O(l n p) for the states, and no (b, l, h, p, n)
+tensor exists.
+
+Blocking is the reference's own choice (``block_len``), made from the shape and device: it is not the
+``chunk_size`` argument, which names the fused CUDA kernel's block and does not change the math. Blocks never
+run past l (the last block is just shorter), so a short sequence costs what its length costs.
+
+The mask is never built per head when it can be avoided: L[i, j] = exp(cum_i - m) exp(m - cum_j) splits into
+a row and a column scale (m: half the block's total log-decay), so the diagonal block of all r heads of a
+group is one (q, q) @ (q, r p) product with the heads' scales applied to its input and output. The split is
+used when every block's total log-decay is within FACTOR_RANGE (both scales then stay within e^±60, normal
+float32 numbers, and every product keeps float32 relative precision). Otherwise (extreme Δ) the group falls
+back to the explicit (h, q, q) mask, whose log-decays are clamped to [MIN_LOG_DECAY, 0] before exp. The math
+is causal either way; the rounding of position i may depend on later Δ of its block (through m and the path
+taken), at the level of float32 rounding.
 
 The semantics are those of mamba_ssm's ``mamba_chunk_scan_combined`` (x (b, l, h, p), dt (b, l, h),
 A (h,), B/C (b, l, g, n) with g groups of h/g consecutive heads, D (h,) or (h, p), z gating
 y * silu(z), dt_bias, softplus, dt_limit clamp, initial and final states (b, h, p, n)).
 
-Numerics: everything runs in float32 whatever the input dtype; the within-chunk cumulative sums of Δ A
-are taken in float64, so every segment sum exp(cum_i - cum_j) keeps full float32 precision even when
-the cumulative decay inside a chunk is huge (extreme Δ). Log-decays are clamped to [-80, 0] before exp
-and the causal mask zeroes the scores, so no overflow, inf or NaN reaches the output or the gradient.
+Numerics: everything runs in float32 whatever the input dtype; the within-block cumulative sums of Δ A are
+taken in float64, so every segment exp(cum_i - cum_j) keeps full float32 precision even when the cumulative
+decay inside a block is huge. Gradients come from autograd through these differentiable steps.
 
-Memory: long inputs are processed in groups of chunks, carrying the state from group to group, so the
+Memory: long inputs are processed in groups of blocks, carrying the state from group to group, so the
 intermediates of one call are O(group) rather than O(l) (the output itself is O(l), as it must be).
 """
 
@@ -31,11 +44,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Elements of the largest per-group intermediate, the (b, chunks, h, Q, Q) decay mask (8 MiB in float32).
-# Measured on CPU: past ~16 MiB per temporary, glibc serves allocations by fresh mmap and every call pays
-# page faults, which made whole-sequence processing several times slower than small groups.
+# Elements of the largest per-group intermediate (the block states, or the explicit mask). Measured on CPU:
+# past ~16 MiB per temporary, glibc serves allocations by fresh mmap and every call pays page faults.
 GROUP_ELEMS = 1 << 21
-MIN_LOG_DECAY = -80.0  # floor of the in-chunk log-decays fed to exp, see _segment_decay
+MIN_LOG_DECAY = -80.0  # floor of log-decays fed to exp: exp(-80) ~ 2e-35, and CPU exp is slow on subnormals
+FACTOR_RANGE = 120.0  # largest total log-decay of a block for which the mask is split into row/column scales
+MAX_BLOCKS = 16  # blocks per group: passing states between them costs 2 (blocks) h p n per block
+BLOCK = 64  # positions per block of a long sequence on CPU (measured: 32 and 128 are slower at n=128, hp=512)
+
+
+def block_len(l: int, h: int, p: int, g: int, n: int, device: torch.device | str = "cpu") -> int:
+    """Positions per block for a sequence of l, from the shape and device alone.
+
+    The diagonal blocks cost 2 q (g n + h p) FLOPs per token; more than one block adds 4 h p n (each block's
+    state and its readout). So one block covering the sequence is cheaper while l <= BLOCK + 2 h p n / (g n
+    + h p), capped at 2 BLOCK so that its total log-decay stays within FACTOR_RANGE for ordinary Δ (measured:
+    one 256-block on the masked path is 2-4x slower than four 64-blocks). Beyond it, BLOCK positions, a size
+    where CPU matmuls are efficient and the per-block work small; GPUs get twice larger blocks.
+    """
+    base = BLOCK * (2 if torch.device(device).type == "cuda" else 1)
+    single = min(2 * base, base + 2 * h * p * n // (g * n + h * p))
+    return max(1, l) if l <= single else base
 
 
 def _check_shapes(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None) -> None:
@@ -67,14 +96,14 @@ def discretize_dt(dt: Tensor, dt_bias: Tensor | None, dt_softplus: bool, dt_limi
     return dt
 
 
-def _segment_decay(cum: Tensor) -> Tensor:
-    """exp(cum_i - cum_j) for i >= j as a float32 (..., q, q) tensor, from float64 cumulative sums (..., q).
+def _exp(log_decay: Tensor) -> Tensor:
+    """exp of float64 log-decays <= 0, floored at MIN_LOG_DECAY, in float32."""
+    return log_decay.clamp(min=MIN_LOG_DECAY).float().exp()
 
-    Entries with i < j (where the difference is positive and may overflow) are clamped to exp(0) = 1;
-    the caller zeroes them through the masked scores. Log-decays below MIN_LOG_DECAY are raised to it:
-    exp(-80) ~ 2e-35 is far below float32 resolution of any sum it enters, and CPU exp is 5-30x slower on
-    inputs whose result is subnormal or zero (measured), which long chunks with large Δ produce in bulk.
-    """
+
+def _masked_decay(cum: Tensor) -> Tensor:
+    """exp(cum_i - cum_j) for i >= j as float32 (..., q, q) from float64 cumulative sums (..., q); entries
+    i < j are exp(0) = 1 (the caller zeroes them through the masked scores)."""
     if torch.is_grad_enabled() and cum.requires_grad:
         return torch.exp((cum.unsqueeze(-1) - cum.unsqueeze(-2)).float().clamp(MIN_LOG_DECAY, 0.0))
     seg = torch.empty(*cum.shape, cum.shape[-1], dtype=torch.float32, device=cum.device)  # (..., i, j)
@@ -82,59 +111,116 @@ def _segment_decay(cum: Tensor) -> Tensor:
     return seg.clamp_(MIN_LOG_DECAY, 0.0).exp_()
 
 
-def _chunk_group(
-    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, state: Tensor, upper: Tensor
+def _pass_states(
+    local: Tensor, last: Tensor, state: Tensor | None, scale: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """SSD over consecutive chunks of one group, starting from ``state``.
+    """The recurrence at block granularity: the state entering each block and the state after the last.
 
-    x (b, t, h, p) float32, dt (b, t, h) discretised Δ, A (g, r) with h = g * r, B/C (b, t, g, n),
-    state (b, g, r, p, n) float32, upper (q, q) the boolean mask j > i. t is padded here to a multiple of q
-    with Δ = 0, which neither decays nor feeds the state, so the final state is exact.
-    Returns y (b, t, h, p) float32 and the final state.
+    local (b, c, h, p n): what each block leaves from a zero start, divided by ``scale``; last (b, c, h)
+    float64 block log-decays; state (b, h, p, n) or None; scale (b, c, h) or None. With P the exclusive prefix
+    sum of the block totals, start[k] = exp(P_k) state + sum_{j<k} exp(P_k - P_{j+1}) scale[j] local[j].
+    Returns entering[k] = scale[k] start[k] (b, c, h, p n) and the final state start[c] (b, h, p n). The
+    scales act on the small (k, j) weights, never on a state-sized tensor.
+    """
+    b, c, h, pn = local.shape
+    prefix = F.pad(torch.cumsum(last, dim=1), (0, 0, 1, 0)).transpose(1, 2)  # (b, h, c+1) float64
+    earlier = torch.ones(c + 1, c, dtype=torch.bool, device=local.device).tril(-1)  # (k, j): j < k
+    pair = (prefix.unsqueeze(-1) - prefix[..., 1:].unsqueeze(-2)).masked_fill(~earlier, 0.0)  # (b, h, k, j)
+    weights, from_state = _exp(pair).masked_fill(~earlier, 0.0), _exp(prefix)  # (b, h, c+1, c), (b, h, c+1)
+    if scale is not None:
+        s = scale.transpose(1, 2)  # (b, h, c)
+        weights = weights * s.unsqueeze(-2)
+        rows = F.pad(s, (0, 1), value=1.0)  # (b, h, c+1): the final state is not scaled
+        weights, from_state = weights * rows.unsqueeze(-1), from_state * rows
+    src = local.transpose(1, 2)  # (b, h, c, p n)
+    entering = torch.matmul(weights[:, :, :c], src)  # (b, h, c, p n)
+    final = torch.matmul(weights[:, :, c:], src).squeeze(2)  # (b, h, p n)
+    if state is not None:
+        flat = state.reshape(b, h, 1, pn)
+        entering = entering + from_state[:, :, :c].unsqueeze(-1) * flat
+        final = final + from_state[:, :, c:] * flat.squeeze(2)
+    return entering.transpose(1, 2), final
+
+
+def _factored_group(
+    x: Tensor, dt: Tensor, cum: Tensor, scores: Tensor, Bb: Tensor, Cb: Tensor, state: Tensor | None, need_state: bool
+) -> tuple[Tensor, Tensor | None]:
+    """The blocks of one group with the mask split into row and column scales (see the module docstring).
+
+    x (b, c, q, h, p), dt (b, c, q, h), cum (b, c, q, h) float64, scores (b, c, g, q, q) masked, Bb/Cb
+    (b, c, g, q, n), state (b, h, p, n) or None. Returns y (b, c, q, h, p) and the final state (b, h, p n).
+    """
+    b, c, q, h, p = x.shape
+    g, n = Bb.shape[2], Bb.shape[-1]
+    r = h // g
+    mid = cum[:, :, -1:] / 2  # (b, c, 1, h) half of each block's total log-decay
+    rel = (cum - mid).float()  # (b, c, q, h), within ±60: rounding it to float32 costs < 4e-6 relative
+    rows, cols = torch.exp(rel), torch.exp(-rel) * dt  # exp(cum_i - mid), Δ_j exp(mid - cum_j)
+    xs = (x * cols.unsqueeze(-1)).view(b, c, q, g, r * p).transpose(2, 3)  # (b, c, g, q, r p)
+    # exp(last - cum_j) = exp(mid) cols_j / Δ_j and exp(cum_i) = exp(mid) rows_i: a block's state from a zero
+    # start is exp(mid) xs^T B, and the state entering it reaches position i as rows_i exp(mid) C_i state.
+    half = torch.exp(mid.squeeze(2)).float()  # (b, c, h): exp(mid), in [e^-60, 1]
+    entering = final = None
+    if c > 1 or need_state:
+        local = torch.matmul(xs.transpose(-1, -2), Bb).view(b, c, h, p * n)  # (b, c, h, p n), / exp(mid)
+        entering, final = _pass_states(local, cum[:, :, -1], state, half)  # entering: times exp(mid)
+    elif state is not None:
+        entering = state.reshape(b, 1, h, p * n) * half.unsqueeze(-1)
+    y = torch.matmul(scores, xs)  # (b, c, g, q, r p)
+    if entering is not None:
+        e = entering.reshape(b * c * g, r * p, n)
+        y = torch.baddbmm(y.view(b * c * g, q, r * p), Cb.reshape(b * c * g, q, n), e.transpose(1, 2))
+    y = y.view(b, c, g, q, r * p).transpose(2, 3).reshape(b, c, q, h, p)
+    return y * rows.unsqueeze(-1), final
+
+
+def _masked_group(
+    x: Tensor, dt: Tensor, cum: Tensor, scores: Tensor, Bb: Tensor, Cb: Tensor, state: Tensor | None, need_state: bool
+) -> tuple[Tensor, Tensor | None]:
+    """As ``_factored_group`` with the explicit (h, q, q) decay mask: exact for any block log-decay."""
+    b, c, q, h, p = x.shape
+    g, n = Bb.shape[2], Bb.shape[-1]
+    r = h // g
+    xdt = x * dt.unsqueeze(-1)  # (b, c, q, h, p)
+    decay = _masked_decay(cum.transpose(2, 3)).view(b, c, g, r, q, q)  # (b, c, g, r, i, j)
+    y = torch.einsum("bcgrij,bcjgrp->bcigrp", decay * scores.unsqueeze(3), xdt.view(b, c, q, g, r, p))
+    y = y.reshape(b, c, q, h, p)
+    entering = final = None
+    if c > 1 or need_state:
+        to_end = _exp(cum[:, :, -1:] - cum)  # (b, c, q, h)
+        xe = (xdt * to_end.unsqueeze(-1)).view(b, c, q, g, r * p)
+        local = torch.einsum("bcjgx,bcgjn->bcgxn", xe, Bb).reshape(b, c, h, p * n)  # (b, c, h, p n)
+        entering, final = _pass_states(local, cum[:, :, -1], state)
+    elif state is not None:
+        entering = state.reshape(b, 1, h, p * n)
+    if entering is not None:
+        y_off = torch.einsum("bcgin,bcgxn->bcigx", Cb, entering.reshape(b, -1, g, r * p, n)).reshape(b, c, q, h, p)
+        y = y + y_off * _exp(cum).unsqueeze(-1)
+    return y, final
+
+
+def _block_group(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, state: Tensor | None, q: int, need_state: bool
+) -> tuple[Tensor, Tensor | None]:
+    """SSD over the consecutive blocks of q positions of one group, entering with ``state`` (None: zeros).
+
+    x (b, t, h, p), dt (b, t, h) discretised Δ, A (h,), B/C (b, t, g, n), all float32, t a multiple of q;
+    state (b, h, p, n). Returns y (b, t, h, p) without the D skip, and the state after the group (b, h, p, n)
+    when ``need_state`` (else None).
     """
     b, t, h, p = x.shape
-    g, r = A.shape
-    n = B.shape[-1]
-    q = upper.shape[0]
-    nc = -(-t // q)
-    pad = nc * q - t
-    if pad:
-        x, B, C = (F.pad(u, (0, 0, 0, 0, 0, pad)) for u in (x, B, C))
-        dt = F.pad(dt, (0, 0, 0, pad))
-    x = x.reshape(b, nc, q, g, r, p)  # (b, c, q, g, r, p)
-    dt = dt.reshape(b, nc, q, g, r)  # (b, c, q, g, r)
-    B = B.reshape(b, nc, q, g, n)  # (b, c, q, g, n)
-    C = C.reshape(b, nc, q, g, n)  # (b, c, q, g, n)
-
-    dA = (dt * A).permute(0, 1, 3, 4, 2)  # (b, c, g, r, q): log-decay of every step
-    cum = torch.cumsum(dA.double(), dim=-1)  # (b, c, g, r, q) float64, see module docstring
-
-    # 1. Diagonal blocks: y_diag[i] = sum_{j<=i} exp(cum_i - cum_j) (C_i . B_j) Δ_j x_j. The causal mask is
-    #    applied to the scores, shared by the r heads of a group (r times fewer elements than the decays).
-    scores = torch.einsum("bcign,bcjgn->bcgij", C, B).masked_fill_(upper, 0.0)  # (b, c, g, i, j)
-    xdt = x * dt.unsqueeze(-1)  # (b, c, q, g, r, p)
-    y = torch.einsum("bcgrij,bcjgrp->bcigrp", _segment_decay(cum) * scores.unsqueeze(3), xdt)  # (b, c, q, g, r, p)
-
-    # 2. State each chunk would leave from a zero start: sum_j exp(cum_last - cum_j) Δ_j x_j B_j^T
-    to_end = torch.exp(cum[..., -1:] - cum).float().permute(0, 1, 4, 2, 3)  # (b, c, q, g, r)
-    chunk_states = torch.einsum("bcjgn,bcjgrp->bcgrpn", B, xdt * to_end.unsqueeze(-1))  # (b, c, g, r, p, n)
-
-    # 3. Pass states across chunks: start[c] = exp(P_c) state + sum_{k<c} exp(P_c - P_{k+1}) chunk_states[k],
-    #    P_c = exclusive prefix sum of the chunk totals (the semiseparable recurrence at chunk granularity).
-    prefix = F.pad(torch.cumsum(cum[..., -1], dim=1), (0, 0, 0, 0, 1, 0))  # (b, c+1, g, r) float64
-    pair = (prefix.unsqueeze(2) - prefix[:, 1:].unsqueeze(1)).float()  # (b, c+1, k, g, r)
-    later = torch.ones(nc + 1, nc, dtype=torch.bool, device=x.device).tril(-1)  # (c, k): k < c
-    pair = torch.exp(pair.masked_fill_(~later[None, :, :, None, None], -math.inf))  # (b, c+1, k, g, r)
-    starts = torch.einsum("bckgr,bkgrpn->bcgrpn", pair, chunk_states)  # (b, c+1, g, r, p, n)
-    starts = starts + torch.exp(prefix).float()[..., None, None] * state.unsqueeze(1)  # (b, c+1, g, r, p, n)
-
-    # 4. Off-diagonal blocks: the state entering chunk c, decayed to position i and read out by C_i.
-    from_start = torch.exp(cum).float().permute(0, 1, 4, 2, 3)  # (b, c, q, g, r)
-    y_off = torch.einsum("bcign,bcgrpn->bcigrp", C, starts[:, :-1])  # (b, c, q, g, r, p)
-    y = y + y_off * from_start.unsqueeze(-1)
-    if D is not None:
-        y = y + x * D  # D broadcast as (g, r, 1) or (g, r, p)
-    return y.reshape(b, nc * q, h, p)[:, :t], starts[:, -1]
+    g, n = B.shape[-2:]
+    c = t // q
+    dt = dt.view(b, c, q, h)
+    cum = torch.cumsum((dt * A).double(), dim=2)  # (b, c, q, h) float64 log-decay from the block start
+    Bb = B.reshape(b, c, q, g, n).transpose(2, 3)  # (b, c, g, q, n)
+    Cb = C.reshape(b, c, q, g, n).transpose(2, 3)  # (b, c, g, q, n)
+    upper = torch.ones(q, q, dtype=torch.bool, device=x.device).triu(1)  # (i, j): j > i
+    scores = torch.matmul(Cb, Bb.transpose(-1, -2)).masked_fill_(upper, 0.0)  # (b, c, g, i, j)
+    factored = -cum[:, :, -1].min().item() <= FACTOR_RANGE
+    group = _factored_group if factored else _masked_group
+    y, final = group(x.view(b, c, q, h, p), dt, cum, scores, Bb, Cb, state, need_state)
+    return y.reshape(b, t, h, p), (final.reshape(b, h, p, n) if need_state else None)
 
 
 def ssd(
@@ -155,35 +241,42 @@ def ssd(
     """Chunked SSD scan with ``mamba_chunk_scan_combined`` semantics.
 
     x (b, l, h, p), dt (b, l, h), A (h,) negative, B/C (b, l, g, n), D (h,) or (h, p), z (b, l, h, p),
-    dt_bias (h,), initial_states (b, h, p, n). Any l. Returns y (b, l, h, p) in x's dtype and, if asked,
-    the final state (b, h, p, n) in float32. Differentiable with respect to every tensor argument.
+    dt_bias (h,), initial_states (b, h, p, n). Any l. ``chunk_size`` is the fused kernel's block length,
+    checked but not used: this reference blocks by shape (``block_len``) and its result does not depend on it.
+    Returns y (b, l, h, p) in x's dtype and, if asked, the final state (b, h, p, n) in float32.
+    Differentiable with respect to every tensor argument.
     """
     _check_shapes(x, dt, A, B, C, D, z)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
-    r = h // g
-    A32 = A.float().view(g, r)  # (g, r)
-    D32 = None if D is None else D.float().view(g, r, -1)  # (g, r, 1) or (g, r, p)
-    if initial_states is None:
-        state = x.new_zeros(b, g, r, p, n, dtype=torch.float32)  # (b, g, r, p, n)
-    else:
-        state = initial_states.float().reshape(b, g, r, p, n)  # (b, g, r, p, n)
-
-    upper = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=x.device).triu(1)  # (i, j): j > i
-    span = max(1, GROUP_ELEMS // (b * h * chunk_size * chunk_size)) * chunk_size  # positions per group
+    A32 = A.float()
+    D32 = None if D is None else D.float().view(h, -1)  # (h, 1) or (h, p)
+    state = None if initial_states is None else initial_states.float()  # (b, h, p, n)
+    q = block_len(l, h, p, g, n, x.device)
+    per_block = b * max(h * p * n, h * q * q)  # elements of the largest per-block intermediate
+    span = max(1, min(MAX_BLOCKS, GROUP_ELEMS // per_block)) * q  # positions per group
+    whole = l - l % q
+    groups = [(s, min(s + span, whole)) for s in range(0, whole, span)] + ([(whole, l)] if whole < l else [])
     # Without autograd the groups are written into one preallocated output (no extra copy for a cat).
     tracked = (x, dt, A, B, C, D, z, dt_bias, initial_states)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tracked)
     y = None if grad else torch.empty(b, l, h, p, dtype=x.dtype, device=x.device)  # (b, l, h, p)
     pieces = []
-    for s in range(0, l, span):
-        e = min(s + span, l)
-        dt_g = discretize_dt(dt[:, s:e], dt_bias, dt_softplus, dt_limit)  # (b, t, h)
-        y_g, state = _chunk_group(x[:, s:e].float(), dt_g, A32, B[:, s:e].float(), C[:, s:e].float(), D32, state, upper)
-        if z is not None:
-            y_g = y_g * F.silu(z[:, s:e].float())
+    sizes = [e - s for s, e in groups]
+    parts = [t.split(sizes, dim=1) for t in (x, dt, B, C)]  # one split: its backward is a single cat
+    z_parts = z.split(sizes, dim=1) if z is not None else [None] * len(groups)
+    for i, ((s, e), x_g, dt_g, B_g, C_g, z_g) in enumerate(zip(groups, *parts, z_parts, strict=True)):
+        need_state = return_final_states or i + 1 < len(groups)
+        x_g = x_g.float()
+        dt_g = discretize_dt(dt_g, dt_bias, dt_softplus, dt_limit)  # (b, t, h)
+        q_g = min(q, e - s)  # the last group may be one shorter block
+        y_g, state = _block_group(x_g, dt_g, A32, B_g.float(), C_g.float(), state, q_g, need_state)
+        if D32 is not None:
+            y_g = torch.addcmul(y_g, x_g, D32)
+        if z_g is not None:
+            y_g = y_g * F.silu(z_g.float())
         if y is None:
             pieces.append(y_g.to(x.dtype))
         else:
@@ -191,5 +284,6 @@ def ssd(
     if y is None:
         y = torch.cat(pieces, dim=1) if pieces else x.new_zeros(x.shape)  # (b, l, h, p)
     if return_final_states:
-        return y, state.reshape(b, h, p, n)
+        final = state if state is not None else x.new_zeros(b, h, p, n, dtype=torch.float32)
+        return y, final
     return y

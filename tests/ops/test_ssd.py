@@ -236,3 +236,105 @@ def test_shape_errors_are_clear():
 def test_registry_serves_the_reference():
     fn, label = get("ssd", "ref")
     assert fn is ssd and label == "torch-ssd-chunked"
+
+
+# --- blocking: the reference picks its own blocks; neither they nor the config's chunk_size change the result ---
+
+FULL = {"D": "D_hp", "z": "z", "dt_bias": "dt_bias", "initial_states": "init"}
+
+
+def _run(t, chunk_size=8, **over):
+    kw = {k: t[v] for k, v in FULL.items()}
+    kw.update(over)
+    return ssd(t["x"], t["dt"], t["A"], t["B"], t["C"], chunk_size, dt_softplus=True, return_final_states=True, **kw)
+
+
+def _loop(t):
+    return loop_ssd(t["x"], t["dt"], t["A"], t["B"], t["C"], t["D_hp"], t["z"], t["dt_bias"], True, t["init"])
+
+
+def test_the_chunk_size_argument_does_not_change_the_output():
+    t = inputs(2, 45, 4, 3, 2, 5, seed=20)
+    y1, f1 = _run(t, chunk_size=1)
+    for q in (8, 64, 256):
+        y, f = _run(t, chunk_size=q)
+        assert torch.equal(y, y1) and torch.equal(f, f1), q
+
+
+@pytest.mark.parametrize("q", [1, 3, 8, 16, 37])
+def test_any_block_length_matches_the_loop(monkeypatch, q):
+    """l = 37 is a multiple of no block but itself: every case ends on a shorter block."""
+    monkeypatch.setattr(ssd_mod, "block_len", lambda *a, **k: q)
+    t = inputs(2, 37, 4, 3, 2, 5, seed=21)
+    y, final = _run(t)
+    y_ref, final_ref = _loop(t)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(final.double(), final_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("l", [1, 2, 7, 63, 64, 65, 129, 200])
+def test_blocks_cover_exactly_l_positions(monkeypatch, l):
+    """Nothing is padded: the groups' lengths sum to l, and each is whole blocks of at most l positions."""
+    seen = []
+    real = ssd_mod._block_group
+
+    def spy(x, dt, A, B, C, state, q, need_state):
+        seen.append((x.shape[1], q))
+        return real(x, dt, A, B, C, state, q, need_state)
+
+    monkeypatch.setattr(ssd_mod, "_block_group", spy)
+    monkeypatch.setattr(ssd_mod, "GROUP_ELEMS", 1)  # one block per group, to see every block
+    t = inputs(1, l, 4, 3, 1, 5, seed=22)
+    _run(t)
+    assert sum(length for length, _ in seen) == l
+    assert all(length % q == 0 and q <= l for length, q in seen)
+    assert ssd_mod.block_len(l, 8, 64, 1, 128) <= l
+
+
+def test_block_len_depends_on_shape_and_device_only():
+    # one block for short sequences (no states to pass), BLOCK positions for long ones, larger on CUDA
+    assert ssd_mod.block_len(64, 8, 64, 1, 128) == 64
+    assert ssd_mod.block_len(100, 8, 64, 1, 128) == 100
+    assert ssd_mod.block_len(4096, 8, 64, 1, 128) == ssd_mod.BLOCK
+    assert ssd_mod.block_len(4096, 8, 64, 1, 128, "cuda") == 2 * ssd_mod.BLOCK
+    assert ssd_mod.block_len(0, 8, 64, 1, 128) == 1
+
+
+@pytest.mark.parametrize("path", ["factored", "masked"])
+def test_both_diagonal_paths_match_the_loop_with_gradients(monkeypatch, path):
+    """The split mask (row/column scales) and the explicit mask, over several blocks and groups."""
+    monkeypatch.setattr(ssd_mod, "FACTOR_RANGE", math.inf if path == "factored" else -1.0)
+    monkeypatch.setattr(ssd_mod, "block_len", lambda *a, **k: 4)
+    monkeypatch.setattr(ssd_mod, "GROUP_ELEMS", 200)  # 3 blocks per group, so the state crosses groups too
+    t = inputs(2, 23, 4, 3, 2, 5, seed=23)
+    names = ["x", "dt", "A", "B", "C", "D_hp", "z", "dt_bias", "init"]
+    ours = {k: t[k].clone().requires_grad_() for k in names}
+    ref = {k: t[k].double().clone().requires_grad_() for k in names}
+    y, final = _run(ours)
+    y_ref, final_ref = _loop(ref)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(final.double(), final_ref, rtol=1e-4, atol=1e-4)
+    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(24))
+    wf = torch.randn(final.shape, generator=torch.Generator().manual_seed(25))
+    ((y * w).sum() + (final * wf).sum()).backward()
+    ((y_ref * w.double()).sum() + (final_ref * wf.double()).sum()).backward()
+    for k in names:
+        torch.testing.assert_close(ours[k].grad.double(), ref[k].grad, rtol=1e-3, atol=1e-3, msg=k)
+
+
+def test_a_block_too_decayed_to_split_takes_the_masked_path(monkeypatch):
+    """Large Δ in one block: the split scales would leave float32, so that group uses the explicit mask."""
+    calls = []
+    for name in ("_factored_group", "_masked_group"):
+        real = getattr(ssd_mod, name)
+        monkeypatch.setattr(ssd_mod, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
+    t = inputs(1, 40, 4, 3, 1, 5, seed=26)
+    t["dt"][:, :] = -10.0  # softplus(-10 + bias) ~ 1e-4: every block decays little
+    _run(t)
+    assert calls == ["_factored_group"]
+    t["dt"][:, 10:20] = 30.0  # Δ ~ 30 with A <= -0.5: the block's total log-decay is far beyond FACTOR_RANGE
+    y, final = _run(t)
+    assert calls[-1] == "_masked_group"
+    y_ref, final_ref = _loop(t)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(final.double(), final_ref, rtol=1e-4, atol=1e-4)
