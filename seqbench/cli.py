@@ -52,10 +52,19 @@ def run(
     resume: Path | None = typer.Option(None, "--resume", help="finish the grid of this run folder"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the grid and model sizes; measure nothing"),
     run_dir_file: Path | None = typer.Option(None, "--run-dir-file", help="write the run folder's path here"),
+    executor: str | None = typer.Option(None, "--executor", help="inline | process | ray | slurm (default: config)"),
+    address: str | None = typer.Option(None, "--address", help="the Ray cluster to use (default: a local instance)"),
 ) -> None:
     """Run an experiment: build the models, sweep the grid, write the run folder."""
     exp = _load(config)
-    device = _preflight(exp, config)
+    from seqbench.run.executors import ExecutorUnavailable, choose_executor
+
+    try:
+        on_cluster = choose_executor(exp, executor, address) in ("ray", "slurm")
+    except ValueError as e:
+        fail(str(e))
+    # a cluster's nodes may have the GPUs and kernels the driver lacks: there, the nodes check them per point
+    device = "cuda (on the nodes)" if on_cluster and exp.device == "cuda" else _preflight(exp, config)
     from seqbench.run import sweep
 
     if dry_run:
@@ -70,7 +79,8 @@ def run(
     if run_dir_file:
         run_dir_file.parent.mkdir(parents=True, exist_ok=True)
         run_dir_file.write_text(str(state.run_dir))
-    err.print(f"run folder: {state.run_dir}  (device {device}, dtype {exp.dtype}, isolation {exp.measure.isolation})")
+    err.print(f"run folder: {state.run_dir}  (device {device}, dtype {exp.dtype}, "
+              f"executor {exp.executor or exp.measure.isolation})")
     t0 = time.monotonic()
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TextColumn("ETA"), TimeRemainingColumn(), console=err, transient=False)
@@ -94,6 +104,8 @@ def run(
                             on_wait=lambda: err.print("another seqbench run is measuring here; waiting for it"))
         except sweep.Interrupted:
             interrupted = True
+        except ExecutorUnavailable as e:
+            fail(f"{e}; nothing was measured in {state.run_dir}")
     from seqbench.analysis.summary import render_summary, summary_markdown
 
     sweep.write_results_csv(state)
