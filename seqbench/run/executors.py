@@ -129,6 +129,8 @@ class ProcessExecutor(SequentialExecutor):
             proc.join(10)
 
 
+EXECUTORS = {"inline": InlineExecutor, "process": ProcessExecutor}  # the ones on this machine
+
 
 class ExecutorUnavailable(RuntimeError):
     """The cluster the experiment names cannot be reached; raised before any point is submitted."""

@@ -27,7 +27,7 @@ import yaml
 from seqbench.config import Experiment
 from seqbench.models import DTYPES
 from seqbench.run.calibration import calibrate
-from seqbench.run.executors import InlineExecutor, ProcessExecutor
+from seqbench.run.executors import EXECUTORS
 from seqbench.run.measure import exclusive_machine
 from seqbench.run.point import COLUMNS, SKIP_AFTER, SKIPPED_BECAUSE, PointSpec, base_row
 from seqbench.run.provenance import resolve_device, snapshot
@@ -132,7 +132,7 @@ def make_executor(exp: Experiment, device: str, run_dir: Path):
         from seqbench.run.slurm_executor import SlurmExecutor
 
         return SlurmExecutor(exp, device, run_dir)
-    return {"inline": InlineExecutor, "process": ProcessExecutor}[kind]()
+    return EXECUTORS[kind]()
 
 
 def run_sweep(
