@@ -17,7 +17,7 @@ EXPERIMENT = {
     "name": "node-loss", "device": "cpu", "threads": 1,
     "models": [{"name": "m", "kind": "mamba", "preset": "tiny"}],
     "sweep": {"seq_lens": LENGTHS, "workloads": ["prefill"]},
-    "measure": {"warmup": 1, "min_samples": 2, "min_time_s": 3.0, "calibrate": False},  # points last seconds
+    "measure": {"warmup": 1, "min_samples": 2, "min_time_s": 3.0, "calibrate": False, "remeasure": 0},  # seconds each
     "executor": "ray",
 }
 
