@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from seqbench.config import ConfigError, Experiment
 from seqbench.experiment import load_experiment
@@ -58,10 +58,19 @@ def run(
     resume: Path | None = typer.Option(None, "--resume", help="finish the grid of this run folder"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the grid and model sizes; measure nothing"),
     run_dir_file: Path | None = typer.Option(None, "--run-dir-file", help="write the run folder's path here"),
+    executor: str | None = typer.Option(None, "--executor", help="inline | process | ray | slurm (default: config)"),
+    address: str | None = typer.Option(None, "--address", help="the Ray cluster to use (default: a local instance)"),
 ) -> None:
     """Run an experiment: build the models, sweep the grid, write the run folder."""
     exp = _load(config)
-    device = _preflight(exp, config, dry_run)
+    from seqbench.run.executors import ExecutorUnavailable, choose_executor
+
+    try:
+        on_cluster = choose_executor(exp, executor, address) in ("ray", "slurm")
+    except ValueError as e:
+        fail(str(e))
+    # a cluster's nodes may have the GPUs and kernels the driver lacks: there, the nodes check them per point
+    device = "cuda (on the nodes)" if on_cluster and exp.device == "cuda" else _preflight(exp, config, dry_run)
     from seqbench.run import sweep
 
     if dry_run:
@@ -76,7 +85,8 @@ def run(
     if run_dir_file:
         run_dir_file.parent.mkdir(parents=True, exist_ok=True)
         run_dir_file.write_text(str(state.run_dir))
-    err.print(f"run folder: {state.run_dir}  (device {device}, dtype {exp.dtype}, isolation {exp.measure.isolation})")
+    err.print(f"run folder: {state.run_dir}  (device {device}, dtype {exp.dtype}, "
+              f"executor {exp.executor or exp.measure.isolation})")
     t0 = time.monotonic()
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TextColumn("ETA"), TimeRemainingColumn(), console=err, transient=False)
@@ -100,6 +110,8 @@ def run(
                             on_wait=lambda: err.print("another seqbench run is measuring here; waiting for it"))
         except sweep.Interrupted:
             interrupted = True
+        except ExecutorUnavailable as e:
+            fail(f"{e}; nothing was measured in {state.run_dir}")
     from seqbench.analysis.summary import render_summary, summary_markdown
 
     sweep.write_results_csv(state)
@@ -182,23 +194,18 @@ def models() -> None:
     from seqbench.config import ModelSpec
     from seqbench.models import describe_model
     from seqbench.models.presets import KIND_PRESETS
+    from seqbench.models.published import load_presets
 
-    table = Table(title="kinds and presets (use: {kind: mamba, preset: small})", title_justify="left")
-    for col in ("kind", "preset", "fields", "params"):
-        table.add_column(col)
+    table = Table("kind", "preset", "fields", "params", title="kinds and presets (use: {kind: mamba, preset: small})",
+                  title_justify="left")
     for kind, presets in KIND_PRESETS.items():
         for name, fields in presets.items():
             spec = ModelSpec(name=name, kind=kind, **fields)
             table.add_row(kind, name, ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                                 for k, v in fields.items()), f"{describe_model(spec, 1)['params']:,}")
     out.print(table)
-
-    from seqbench.models.published import load_presets
-
-    table = Table(title="published shapes (use: {preset: jamba-v0.1, scale: {layers: 0.25, width: 0.0625}})",
-                  title_justify="left")
-    for col in ("preset", "model", "layout", "layers", "d_model", "source"):
-        table.add_column(col)
+    table = Table("preset", "model", "layout", "layers", "d_model", "source", title_justify="left",
+                  title="published shapes (use: {preset: jamba-v0.1, scale: {layers: 0.25, width: 0.0625}})")
     for name, arch in load_presets().items():
         table.add_row(name, arch.title, arch.layout, str(arch.n_layers), str(arch.d_model), arch.source)
     out.print(table)
@@ -219,8 +226,7 @@ def calibrate(
 
     if dtype not in DTYPES:
         fail(f"--dtype must be one of {', '.join(DTYPES)}")
-    if threads:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads or torch.get_num_threads())
     try:
         dev = resolve_device(device)
     except RuntimeError as e:
@@ -304,25 +310,18 @@ CONTEXT_HELP = "contexts, e.g. 4k,32k,128k or 4096,1M"
 
 
 def _presets_and_contexts(preset: list[str], context: str, dtype: str = "bfloat16"):
-    from seqbench.calc.memcalc import parse_contexts
-    from seqbench.messages import did_you_mean
-    from seqbench.models import DTYPES
-    from seqbench.models.published import resolve_presets
+    from seqbench.calc.memcalc import parse_request
 
-    if dtype not in DTYPES:
-        fail(f"--dtype '{dtype}' is not known{did_you_mean(dtype, DTYPES)}; allowed: {', '.join(DTYPES)}")
     try:
-        return resolve_presets(preset), parse_contexts(context)
+        return parse_request(preset, context, dtype)
     except ValueError as e:
         fail(str(e))
 
 
 def _print_sections(title: str, columns: list[str], rows: list[tuple]) -> None:
     """A table with one section per preset: rows are (preset, cells)."""
-    table = Table(title=escape(title), title_justify="left")
-    table.add_column("preset", no_wrap=True)
-    for col in columns:
-        table.add_column(col, justify="right", no_wrap=True)
+    table = Table("preset", *(Column(c, justify="right", no_wrap=True) for c in columns), title=escape(title),
+                  title_justify="left")
     for i, (p, cells) in enumerate(rows):
         table.add_row(p.name, *cells, end_section=i + 1 < len(rows) and rows[i + 1][0] is not p)
     out.print(table)

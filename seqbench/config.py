@@ -205,6 +205,35 @@ class MatchSpec(_Strict):
     by: Literal["d_model", "n_layers"] = "d_model"
 
 
+class RaySpec(_Strict):
+    """Where and how densely the ray executor places points (see docs/design.md, "Cluster executors")."""
+
+    address: str | None = Field(None, description="a Ray cluster's address; none starts a local instance")
+    points_per_node: PositiveInt = Field(1, description="CPU points measured at once on one node (GPU: one per GPU)")
+
+
+class SlurmSpec(_Strict):
+    """The job array the slurm executor submits through submitit; None leaves a setting to the cluster."""
+
+    cluster: Literal["slurm", "local"] = Field("slurm", description="local: run the array on this machine")
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    time_min: PositiveInt = Field(60, description="wall-clock limit of one array task")
+    gpus_per_task: Annotated[int, Field(ge=0)] | None = Field(None, description="default: 1 on cuda, else 0")
+    cpus_per_task: PositiveInt | None = Field(None, description="default: threads")
+    mem_gb: Annotated[float, Field(gt=0)] | None = None
+    exclusive: bool | None = Field(None, description="a node to itself; default: yes on CPU")
+    array_parallelism: PositiveInt | None = None
+    array_by: Literal["series", "model"] = Field("series", description="one array task per series or per model")
+    setup: list[str] = Field([], description="shell lines run before each task (module load, activate a venv)")
+    additional: dict[str, Any] = Field({}, description="more sbatch options, e.g. {reservation: name}")
+
+
+EXECUTOR_KINDS = ("inline", "process", "ray", "slurm")
+
+
 class Experiment(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
@@ -216,6 +245,9 @@ class Experiment(_Strict):
     measure: MeasureSpec = MeasureSpec()
     match_params: MatchSpec | None = None
     output_dir: str = "results"
+    executor: Literal[EXECUTOR_KINDS] | None = Field(None, description="default: measure.isolation")
+    ray: RaySpec = RaySpec()
+    slurm: SlurmSpec = SlurmSpec()
 
     @field_validator("models")
     @classmethod
@@ -252,7 +284,7 @@ def _fields_at(loc: tuple) -> list[str]:
         if ann is None:
             break
         target = ann.annotation
-        for candidate in (ModelSpec, SweepSpec, GridSpec, MeasureSpec, MatchSpec):
+        for candidate in (ModelSpec, SweepSpec, GridSpec, MeasureSpec, MatchSpec, RaySpec, SlurmSpec):
             if target is candidate or candidate in getattr(target, "__args__", ()):
                 model = candidate
     return list(model.model_fields)

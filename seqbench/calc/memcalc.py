@@ -30,9 +30,10 @@ from pathlib import Path
 import torch
 
 from seqbench.config import ModelSpec
+from seqbench.messages import did_you_mean
 from seqbench.models import DTYPES, build_model
 from seqbench.models.base import SeqModel
-from seqbench.models.published import ArchPreset, model_fields
+from seqbench.models.published import ArchPreset, model_fields, resolve_presets
 
 # Which part of the inference state each cache tensor of seqbench's mixers is.
 CACHE_PART = {"k": "kv", "v": "kv", "conv_state": "conv", "ssm_state": "ssm", "state": "ssm"}
@@ -179,6 +180,13 @@ def parse_contexts(text: str) -> list[int]:
             raise ValueError(f"context '{part.strip()}' is not a positive whole number of tokens")
         out.append(int(value))
     return list(dict.fromkeys(out))
+
+
+def parse_request(preset: list[str], context: str, dtype: str) -> tuple[list[ArchPreset], list[int]]:
+    """The presets and contexts a calculator command names; ValueError with one message for the user."""
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype '{dtype}' is not known{did_you_mean(dtype, DTYPES)}; allowed: {', '.join(DTYPES)}")
+    return resolve_presets(preset), parse_contexts(context)
 
 
 def human_tokens(n: int) -> str:

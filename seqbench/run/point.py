@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import resource
 import signal
+import socket
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,6 +26,9 @@ from seqbench.run.memory import available_bytes, peak_call_bytes
 from seqbench.run.workloads import WORKLOADS
 
 STATUSES = ("ok", "oom", "oom_killed", "timeout", "error", "skipped_after_oom", "skipped_after_timeout")
+# after one of these, the longer lengths of the same (model, workload, batch) series are not measured
+SKIP_AFTER = {"oom": "skipped_after_oom", "oom_killed": "skipped_after_oom", "timeout": "skipped_after_timeout"}
+SKIPPED_BECAUSE = "a shorter length of this series failed"
 
 MEASUREMENT_COLUMNS = (  # docs/design.md column order, then the extras
     "n_samples", "first_call_s", "time_median_s", "time_p25_s", "time_p75_s", "time_min_s", "iqr_ratio", "noisy",
@@ -35,7 +39,7 @@ MEASUREMENT_COLUMNS = (  # docs/design.md column order, then the extras
 )
 COLUMNS = (
     "run_id", "model", "kind", "layout", "impl_used", "device", "dtype", "threads", "workload", "batch", "seq_len",
-    "new_tokens", "status", "error", *MEASUREMENT_COLUMNS,
+    "new_tokens", "status", "error", *MEASUREMENT_COLUMNS, "host",
 )
 
 
@@ -70,6 +74,7 @@ def base_row(spec: PointSpec, status: str, error: str | None = None) -> dict:
         run_id=spec.run_id, model=m.name, kind=m.kind, layout=layout, device=spec.device, dtype=exp.dtype,
         threads=torch.get_num_threads(), workload=spec.workload, batch=spec.batch, seq_len=spec.seq_len,
         new_tokens=exp.sweep.new_tokens if spec.workload == "decode" else None, status=status, error=error,
+        host=socket.gethostname(),
     )
     return row
 

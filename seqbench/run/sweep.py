@@ -4,6 +4,8 @@ Order: for each workload and batch, lengths ascend; within a length the models a
 (A B C, then C B A) so slow drift of the machine is not confounded with architecture. After an OOM or a
 timeout, the larger lengths of that (model, workload, batch) series are recorded as skipped, never missing.
 After the grid, points flagged noisy are measured again, in grid order, up to ``measure.remeasure`` rounds.
+Cluster executors have many points in flight: a point is skipped if a shorter length of its series had
+already failed when the point was due to be submitted; one already in flight runs and keeps its own row.
 
 points.jsonl is append-only: a re-measured point is appended again, and the later line for a key wins
 everywhere it is read (resume, results.csv, plots).
@@ -15,7 +17,7 @@ import json
 import multiprocessing as mp
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -29,10 +31,9 @@ from seqbench.models import DTYPES
 from seqbench.run.calibration import calibrate
 from seqbench.run.executors import EXECUTORS
 from seqbench.run.measure import exclusive_machine
-from seqbench.run.point import COLUMNS, PointSpec, base_row
+from seqbench.run.point import COLUMNS, SKIP_AFTER, SKIPPED_BECAUSE, PointSpec, base_row
 from seqbench.run.provenance import resolve_device, snapshot
 
-SKIP_AFTER = {"oom": "skipped_after_oom", "oom_killed": "skipped_after_oom", "timeout": "skipped_after_timeout"}
 Key = tuple[str, str, int, int]  # (model, workload, batch, seq_len)
 
 
@@ -104,7 +105,7 @@ def prepare_run(exp: Experiment, out: str | Path | None = None, resume: Path | N
     resolved = exp.model_dump(mode="json")
     if resume is not None:
         saved = yaml.safe_load((resume / "config.yaml").read_text())
-        if saved != resolved:
+        if _measured(saved) != _measured(resolved):
             raise ValueError(f"{resume}: the config differs from the one this run was started with; "
                              f"resume with the run's own {resume / 'config.yaml'}")
         state = SweepState(resume, exp)
@@ -116,6 +117,25 @@ def prepare_run(exp: Experiment, out: str | Path | None = None, resume: Path | N
     run_dir = new_run_dir(exp, out)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     return SweepState(run_dir, exp)
+
+
+def _measured(config: dict) -> dict:
+    """The config without where it runs: a run may be resumed on another executor."""
+    return {k: v for k, v in config.items() if k not in ("executor", "ray", "slurm")}
+
+
+def make_executor(exp: Experiment, device: str, run_dir: Path):
+    """The executor the experiment asks for; the cluster engines are imported here, and only when chosen."""
+    kind = exp.executor or exp.measure.isolation
+    if kind == "ray":
+        from seqbench.run.ray_executor import RayExecutor
+
+        return RayExecutor(exp, device)
+    if kind == "slurm":
+        from seqbench.run.slurm_executor import SlurmExecutor
+
+        return SlurmExecutor(exp, device, run_dir)
+    return EXECUTORS[kind]()
 
 
 def run_sweep(
@@ -146,7 +166,11 @@ def _run_sweep(state: SweepState, on_start, on_done) -> list[dict]:
     exp = state.exp
     if exp.threads:
         torch.set_num_threads(exp.threads)
-    device = resolve_device(exp.device)
+    on_this_machine = (exp.executor or exp.measure.isolation) in ("inline", "process")
+    if on_this_machine or exp.device != "cuda":
+        device = driver_device = resolve_device(exp.device)
+    else:  # the nodes have the GPUs; env.json describes the driver as it is
+        device, driver_device = torch.device("cuda"), resolve_device("auto")
     torch.manual_seed(exp.seed)
     env_path = state.run_dir / "env.json"
     if env_path.exists():  # a resumed run keeps its first environment and records each later one beside it
@@ -154,8 +178,9 @@ def _run_sweep(state: SweepState, on_start, on_done) -> list[dict]:
         env_path = state.run_dir / f"env-resumed-{stamp}.json"
     cal_path = state.run_dir / "calibration.json"
     calibration = json.loads(cal_path.read_text()) if cal_path.exists() else None
-    args = (str(device), exp.dtype, exp.seed, exp.threads, calibration is None and exp.measure.calibrate)
-    if exp.measure.isolation == "process":  # the parent never creates a CUDA context: the workers get the memory
+    calibrate_here = calibration is None and exp.measure.calibrate and on_this_machine  # the driver's peaks fit no node
+    args = (str(driver_device), exp.dtype, exp.seed, exp.threads, calibrate_here)
+    if (exp.executor or exp.measure.isolation) != "inline":  # the parent never creates a CUDA context
         with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
             env, measured = pool.submit(probe_device, *args).result()
     else:
@@ -166,10 +191,21 @@ def _run_sweep(state: SweepState, on_start, on_done) -> list[dict]:
         cal_path.write_text(json.dumps(calibration, indent=2))
 
     grid = plan_grid(exp)
-    executor = EXECUTORS[exp.measure.isolation]()
+    executor = make_executor(exp, str(device), state.run_dir)
     resolved = exp.model_dump(mode="json")
     run_id = state.run_dir.name
     done = sum(1 for k in grid if k in state.rows)
+
+    def land(row: dict) -> None:
+        nonlocal done
+        state.record(row)
+        done += 1
+        if on_done:
+            on_done(row_key(row), row, done, len(grid))
+
+    def started(key: Key) -> None:
+        if on_start:
+            on_start(key, done, len(grid))
 
     def _on_term(signum, frame):
         raise KeyboardInterrupt
@@ -179,28 +215,45 @@ def _run_sweep(state: SweepState, on_start, on_done) -> list[dict]:
 
     previous = signal.signal(signal.SIGTERM, _on_term)
     try:
-        for key in grid:
-            if key in state.rows:
-                continue
-            if on_start:
-                on_start(key, done, len(grid))
-            spec, skip = spec_of(key), state.failed_series(key)
-            row = base_row(spec, skip, "a shorter length of this series failed") if skip else executor.run(spec)
-            state.record(row)
-            done += 1
-            if on_done:
-                on_done(key, row, done, len(grid))
+        for row in stream(executor, [k for k in grid if k not in state.rows], spec_of, started, state.failed_series):
+            land(row)
         for round_ in range(1, exp.measure.remeasure + 1):
-            for key in [k for k in grid if needs_remeasure(state.rows.get(k), round_)]:  # grid order: interleaved
-                if on_start:
-                    on_start(key, done, len(grid))
-                state.record(better_of(state.rows[key], executor.run(spec_of(key)), round_))
+            keys = [k for k in grid if needs_remeasure(state.rows.get(k), round_)]  # grid order: interleaved
+            for row in stream(executor, keys, spec_of, started):
+                state.record(better_of(state.rows[row_key(row)], row, round_))
     except KeyboardInterrupt:
         raise Interrupted from None
     finally:
         signal.signal(signal.SIGTERM, previous)
-        executor.close()
+        executor.close()  # cancels points still in flight; the rows that landed are on disk
     return ordered_rows(state)
+
+
+def row_key(row: dict) -> Key:
+    return row["model"], row["workload"], row["batch"], row["seq_len"]
+
+
+def stream(executor, keys: list[Key], spec_of: Callable[[Key], PointSpec], started: Callable[[Key], None],
+           skip_status: Callable[[Key], str | None] = lambda key: None) -> Iterator[dict]:
+    """Submit keys in order while the executor has a free slot; yield each row as it lands, in any order.
+
+    A key whose ``skip_status`` is set when its turn comes yields a skip row instead of being submitted. The
+    caller records every row before asking for the next, so that decision sees all rows landed so far."""
+    queue = list(reversed(keys))  # pop() takes the next key in order
+    in_flight: set[Key] = set()
+    while queue or in_flight:
+        while queue and executor.has_slot():
+            key = queue.pop()
+            skip = skip_status(key)
+            if skip:
+                yield base_row(spec_of(key), skip, SKIPPED_BECAUSE)
+                continue
+            executor.submit(spec_of(key))
+            in_flight.add(key)
+            started(key)
+        for row in executor.wait():
+            in_flight.discard(row_key(row))
+            yield row
 
 
 def needs_remeasure(row: dict | None, round_: int) -> bool:

@@ -3,12 +3,15 @@
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
+import torch
 from conftest import ROOT
 from typer.testing import CliRunner
 
@@ -149,3 +152,46 @@ def test_calibrate_prints_peaks():
     result = CliRunner().invoke(app, ["calibrate", "--device", "cpu", "--threads", "1"])
     assert result.exit_code == 0, result.output
     assert "GFLOP/s" in result.output and "GB/s" in result.output
+
+
+def test_a_plain_run_never_imports_ray_or_submitit(write_config):
+    """The cluster engines are optional extras: the command line and the sweep must load without them."""
+    config = write_config("name: plain\nmodels: [{name: a, kind: mamba, preset: tiny}]\nsweep: {seq_lens: [16]}\n")
+    script = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from seqbench.cli import app\n"
+        "import seqbench.run.executors, seqbench.run.sweep\n"
+        f"result = CliRunner().invoke(app, ['run', {str(config)!r}, '--dry-run'])\n"
+        "assert result.exit_code == 0, result.output\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'submitit')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_executor_options_are_checked(tmp_path, write_config):
+    config = write_config("name: x\nmodels: [{name: a, kind: mamba, preset: tiny}]\nsweep: {seq_lens: [16]}\n")
+    runner = CliRunner()
+    result = runner.invoke(app, ["run", str(config), "--executor", "dask", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "--executor must be one of inline, process, ray, slurm" in result.output
+    result = runner.invoke(app, ["run", str(config), "--address", "head:6379", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "needs --executor ray" in result.output
+    if shutil.which("srun") is None:
+        result = runner.invoke(app, ["run", str(config), "--executor", "slurm", "--out", str(tmp_path)])
+        assert result.exit_code == 2 and "no SLURM here" in result.output and "cluster: local" in result.output
+    assert not any(tmp_path.iterdir()) or all(p.name == "exp.yaml" for p in tmp_path.iterdir())
+
+
+def test_a_cluster_run_may_ask_for_cuda_from_a_driver_without_it(write_config):
+    """GPUs are on the nodes: the driver (this CPU machine) checks device: cuda only for local executors."""
+    config = write_config("name: g\ndevice: cuda\nmodels: [{name: a, kind: mamba, preset: tiny}]\n"
+                          "sweep: {seq_lens: [16]}\n")
+    runner = CliRunner()
+    local = runner.invoke(app, ["run", str(config), "--dry-run"])
+    cluster = runner.invoke(app, ["run", str(config), "--dry-run", "--executor", "ray"])
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: nothing to tell apart")
+    assert local.exit_code == 2 and "cuda" in local.output
+    assert cluster.exit_code == 0 and "cuda (on the nodes)" in cluster.output

@@ -8,7 +8,7 @@ import pytest
 
 from seqbench.analysis.runs import load_run
 from seqbench.experiment import experiment_from_dict
-from seqbench.run.executors import EXECUTORS
+from seqbench.run.executors import EXECUTORS, SequentialExecutor
 from seqbench.run.point import base_row
 from seqbench.run.sweep import plan_grid, prepare_run, run_sweep, write_results_csv
 
@@ -20,7 +20,7 @@ SCRIPT = {
 }
 
 
-class ScriptedExecutor:
+class ScriptedExecutor(SequentialExecutor):
     calls: list = []
 
     def run(self, spec):
