@@ -28,6 +28,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noq
 
 from seqbench.config import Experiment  # noqa: E402
 from seqbench.run.executors import ExecutorUnavailable  # noqa: E402
+from seqbench.run.memory import prepare_tracker  # noqa: E402
 from seqbench.run.point import PointSpec, base_row, run_point  # noqa: E402
 
 POLL_S = 1.0  # how long one wait() blocks when nothing lands: Ctrl-C and node changes are seen this often
@@ -39,6 +40,7 @@ def measure_remote(spec: PointSpec, cpus: int | None) -> dict:
     threads = spec.exp.threads or cpus
     if threads:
         torch.set_num_threads(threads)
+    prepare_tracker()  # its one-time set-up is not the point's time
     return run_point(spec)
 
 
