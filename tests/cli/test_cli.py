@@ -193,5 +193,7 @@ def test_a_cluster_run_may_ask_for_cuda_from_a_driver_without_it(write_config):
     cluster = runner.invoke(app, ["run", str(config), "--dry-run", "--executor", "ray"])
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: nothing to tell apart")
-    assert local.exit_code == 2 and "cuda" in local.output
+    # a dry run still plans a local run, but says that the run itself would stop on the missing device
+    assert local.exit_code == 0 and "a run would stop here" in local.output and "cuda" in local.output
     assert cluster.exit_code == 0 and "cuda (on the nodes)" in cluster.output
+    assert "a run would stop here" not in cluster.output
