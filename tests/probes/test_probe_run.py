@@ -20,7 +20,7 @@ device: cpu
 threads: 1
 {MODELS}
 sweep: {{seq_lens: [16], workloads: [decode], new_tokens: 2}}
-measure: {{warmup: 1, min_samples: 2, min_time_s: 0, calibrate: false}}
+measure: {{warmup: 1, min_samples: 2, min_time_s: 0, calibrate: false, remeasure: 0}}  # one line per point
 probes:
   mqar: {{n_pairs: [2, 3], seq_lens: [12, 16]}}
   extrapolation: {{n_pairs: 1, train_len: 8, test_lens: [16, 32]}}
