@@ -93,17 +93,14 @@ def run(
     total = len(sweep.plan_grid(exp))
     task = progress.add_task("starting", total=total, completed=len(state.rows))
 
-    def where(key) -> str:  # a recall probe's key ends in n_pairs
-        return f"{key[0]:>12} {key[1]:<7} b={key[2]} L={key[3]}" + (f" D={key[4]}" if len(key) > 4 else "")
-
     def on_start(key, done, n):
-        progress.update(task, description=where(key))
+        progress.update(task, description=sweep.describe_key(key))
 
     def on_done(key, row, done, n):
         progress.update(task, completed=done)
         if row["status"] != "ok":
-            message = f"  {where(key).strip()}: {row['status']} {escape(row['error'] or '')}"
-            progress.console.print(message, highlight=False)
+            progress.console.print(f"  {sweep.describe_key(key).strip()}: {row['status']} {escape(row['error'] or '')}",
+                                   highlight=False)
 
     interrupted = False
     with progress:
@@ -148,12 +145,6 @@ def _print_plan(exp: Experiment, device: str) -> None:
     Console(width=max(out.width, 150)).print(table)  # never truncate the counts, even in a narrow pipe
     grids = [f"workloads {g.workloads} × batch {g.batch} × seq_lens {g.seq_lens}" for g in exp.sweep.grids()]
     out.print(" +\n".join(grids) + f"\n× {len(exp.models)} models = {len(grid)} points", highlight=False)
-    probes = [k for k in grid if len(k) > 4]  # a recall probe's key ends in n_pairs
-    if probes:
-        p = exp.probes
-        out.print(f"recall probes: {len(probes)} of the points, each training a fresh model for {p.steps} steps "
-                  f"(batch {p.batch}, lr {p.lr:g}): " + ", ".join(f"{k[0]} {k[1]} L={k[3]} D={k[4]}" for k in probes),
-                  highlight=False)
 
 
 @app.command("gpu-check")

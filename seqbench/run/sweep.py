@@ -38,6 +38,11 @@ from seqbench.run.provenance import resolve_device, snapshot
 Key = tuple  # (model, workload, batch, seq_len), and n_pairs after them for a recall probe
 
 
+def describe_key(key: Key) -> str:
+    """The progress label of a point; a recall probe's key ends in n_pairs (D)."""
+    return f"{key[0]:>12} {key[1]:<7} b={key[2]} L={key[3]}" + (f" D={key[4]}" if len(key) > 4 else "")
+
+
 def row_key(row: dict) -> Key:
     key = (row["model"], row["workload"], row["batch"], row["seq_len"])
     return key + (row["n_pairs"],) if row.get("n_pairs") is not None else key
