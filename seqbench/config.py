@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic.functional_validators import BeforeValidator
 
 from seqbench.messages import did_you_mean
 
@@ -199,16 +200,12 @@ class MeasureSpec(_Strict):
         return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # YAML reads on/off as booleans
 
 
-class MqarSpec(_Strict):
-    """Multi-query associative recall: every n_pairs at every seq_len with seq_len >= 4 * n_pairs."""
+Lengths = Annotated[list[PositiveInt], BeforeValidator(lambda v: parse_seq_lens(v))]  # a list or a range string
 
-    n_pairs: list[PositiveInt]
-    seq_lens: list[PositiveInt]
 
-    @field_validator("n_pairs", "seq_lens", mode="before")
-    @classmethod
-    def _expand(cls, v: Any) -> list[int]:
-        return parse_seq_lens(v)
+class MqarSpec(_Strict):  # multi-query associative recall: every n_pairs at every seq_len >= 4 * n_pairs
+    n_pairs: Lengths
+    seq_lens: Lengths
 
     @model_validator(mode="after")
     def _fits(self) -> "MqarSpec":
@@ -223,12 +220,7 @@ class ExtrapolationSpec(_Strict):
 
     n_pairs: PositiveInt = 1
     train_len: PositiveInt
-    test_lens: list[PositiveInt]
-
-    @field_validator("test_lens", mode="before")
-    @classmethod
-    def _expand(cls, v: Any) -> list[int]:
-        return parse_seq_lens(v)
+    test_lens: Lengths
 
     @model_validator(mode="after")
     def _fits(self) -> "ExtrapolationSpec":
