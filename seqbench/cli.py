@@ -94,14 +94,13 @@ def run(
     task = progress.add_task("starting", total=total, completed=len(state.rows))
 
     def on_start(key, done, n):
-        model, workload, batch, seq_len = key
-        progress.update(task, description=f"{model:>12} {workload:<7} b={batch} L={seq_len}")
+        progress.update(task, description=sweep.describe_key(key))
 
     def on_done(key, row, done, n):
         progress.update(task, completed=done)
         if row["status"] != "ok":
-            where = f"{key[0]} {key[1]} b={key[2]} L={key[3]}"
-            progress.console.print(f"  {where}: {row['status']} {escape(row['error'] or '')}", highlight=False)
+            progress.console.print(f"  {sweep.describe_key(key).strip()}: {row['status']} {escape(row['error'] or '')}",
+                                   highlight=False)
 
     interrupted = False
     with progress:

@@ -12,12 +12,14 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic.functional_validators import BeforeValidator
 
 from seqbench.messages import did_you_mean
 
 LAYOUT_LETTERS = {"A": "attention", "M": "mamba", "D": "mamba2", "S": "s4d"}
 MIXER_KINDS = ("attention", "s4d", "mamba", "mamba2")
 MODEL_KINDS = (*MIXER_KINDS, "hybrid")
+PROBE_TASKS = ("mqar", "extrapolation")  # the workload of a recall-probe row (seqbench/probes)
 
 
 class ConfigError(ValueError):
@@ -74,6 +76,7 @@ class ModelSpec(_Strict):
     n_heads: PositiveInt | None = None
     n_kv_heads: PositiveInt | None = None
     rope_theta: float = Field(10000.0, gt=0)
+    short_conv: int = Field(0, ge=0, description="width of a causal depthwise conv in front of attention; 0 = none")
     # state-space mixers
     d_state: PositiveInt | None = None
     d_conv: PositiveInt = 4
@@ -197,6 +200,35 @@ class MeasureSpec(_Strict):
         return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # YAML reads on/off as booleans
 
 
+Lengths = Annotated[list[PositiveInt], BeforeValidator(lambda v: parse_seq_lens(v))]  # a list or a range string
+
+
+class MqarSpec(_Strict):  # multi-query associative recall: every n_pairs at every seq_len >= 4 * n_pairs
+    n_pairs: Lengths
+    seq_lens: Lengths
+
+    @model_validator(mode="after")
+    def _fits(self) -> "MqarSpec":
+        too_many = [d for d in self.n_pairs if 4 * d > max(self.seq_lens)]
+        if too_many:
+            raise ValueError(f"n_pairs {too_many} need seq_len >= 4 * n_pairs; the longest is {max(self.seq_lens)}")
+        return self
+
+
+class ExtrapolationSpec(_Strict):
+    """MQAR trained at train_len and scored at train_len and at each of test_lens."""
+
+    n_pairs: PositiveInt = 1
+    train_len: PositiveInt
+    test_lens: Lengths
+
+    @model_validator(mode="after")
+    def _fits(self) -> "ExtrapolationSpec":
+        if 4 * self.n_pairs > self.train_len:
+            raise ValueError(f"train_len {self.train_len} is too short for {self.n_pairs} pairs (needs 4 * n_pairs)")
+        return self
+
+
 class MatchSpec(_Strict):
     """Resize every model to the reference model's non-embedding parameter count (see seqbench/matching.py)."""
 
@@ -232,6 +264,27 @@ class SlurmSpec(_Strict):
 
 
 EXECUTOR_KINDS = ("inline", "process", "ray", "slurm")
+class ProbesSpec(_Strict):
+    """Recall probes trained in the run (seqbench/probes): each point trains a fresh model from the seed."""
+
+    models: list[str] | None = Field(None, description="names of the models to probe (default: every model)")
+    mqar: MqarSpec | None = None
+    extrapolation: ExtrapolationSpec | None = None
+    steps: PositiveInt = Field(500, description="AdamW steps per probe (the training budget)")
+    batch: PositiveInt = 64
+    lr: float = Field(3e-3, gt=0, description="peak learning rate of the one-cycle schedule")
+    weight_decay: float = Field(0.1, ge=0)
+    warmup_frac: float = Field(0.1, gt=0, lt=1, description="fraction of the steps spent raising the lr")
+    eval_sequences: PositiveInt = Field(256, description="held-out sequences scored per probe length")
+    seed: int | None = Field(None, description="training data and initialisation (default: the experiment seed)")
+    eval_seed: int | None = Field(None, description="held-out data (default: seed + 1)")
+    timeout_s: float = Field(600.0, gt=0, description="per probe point: training and scoring together")
+
+    @model_validator(mode="after")
+    def _some_task(self) -> "ProbesSpec":
+        if self.mqar is None and self.extrapolation is None:
+            raise ValueError("name at least one task: mqar or extrapolation")
+        return self
 
 
 class Experiment(_Strict):
@@ -244,6 +297,7 @@ class Experiment(_Strict):
     sweep: SweepSpec
     measure: MeasureSpec = MeasureSpec()
     match_params: MatchSpec | None = None
+    probes: ProbesSpec | None = None
     output_dir: str = "results"
     executor: Literal[EXECUTOR_KINDS] | None = Field(None, description="default: measure.isolation")
     ray: RaySpec = RaySpec()
@@ -259,6 +313,22 @@ class Experiment(_Strict):
         if dup:
             raise ValueError(f"model names must be unique; repeated: {', '.join(dup)}")
         return v
+
+    @model_validator(mode="after")
+    def _probe_models(self) -> "Experiment":
+        if self.probes is None:
+            return self
+        names = [m.name for m in self.models]
+        for name in self.probes.models or []:
+            if name not in names:
+                raise ValueError(f"probes.models: no model named '{name}'{did_you_mean(name, names)}")
+        d_max = max([*(self.probes.mqar.n_pairs if self.probes.mqar else []),
+                     self.probes.extrapolation.n_pairs if self.probes.extrapolation else 0])
+        for m in self.models:
+            if m.name in (self.probes.models or names) and m.vocab_size // 2 - 1 < d_max:
+                raise ValueError(f"probes: model '{m.name}' has vocab_size {m.vocab_size}, too few keys for "
+                                 f"{d_max} pairs (keys and values take half the vocabulary each; key 0 is filler)")
+        return self
 
 
 # ---- error formatting ---------------------------------------------------------------------------------
@@ -284,7 +354,8 @@ def _fields_at(loc: tuple) -> list[str]:
         if ann is None:
             break
         target = ann.annotation
-        for candidate in (ModelSpec, SweepSpec, GridSpec, MeasureSpec, MatchSpec, RaySpec, SlurmSpec):
+        for candidate in (ModelSpec, SweepSpec, GridSpec, MeasureSpec, MatchSpec, RaySpec, SlurmSpec, ProbesSpec,
+                          MqarSpec, ExtrapolationSpec):
             if target is candidate or candidate in getattr(target, "__args__", ()):
                 model = candidate
     return list(model.model_fields)

@@ -12,7 +12,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "seqbench"
 
 # Higher ranks may import lower ones; a stage may import itself; stages of one rank may not import each other.
-RANK = {"cli": 4, "run": 3, "analysis": 3, "calc": 3, "experiment": 3, "models": 2, "ops": 1,
+RANK = {"cli": 4, "run": 3, "analysis": 3, "calc": 3, "experiment": 3, "probes": 2.5, "models": 2, "ops": 1,
         "config": 0, "messages": -1, "formatting": -1}
 MAX_LINES = 400
 OLD_DESIGN = "DESIGN" + ".md"

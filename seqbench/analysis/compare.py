@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from seqbench.analysis.recall import split_rows
 from seqbench.analysis.runs import KEYS, STATUS_LABELS, load_run
 from seqbench.formatting import fmt_metric
 
@@ -22,7 +23,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path, threshold: float = 1.10,
     ``min_ratio``; it is flagged when B is slower by more than ``threshold``, or when a point A measured
     fails in B (a new OOM or timeout is a regression too).
     """
-    a, b = load_run(run_a), load_run(run_b)
+    a, b = (split_rows(load_run(run))[0] for run in (run_a, run_b))  # recall probes have no time to compare
     for df in (a, b):  # without percentiles, only the ratio minimum separates change from noise
         df["time_p25_s"] = df["time_p25_s"].fillna(df["time_median_s"])
         df["time_p75_s"] = df["time_p75_s"].fillna(df["time_median_s"])

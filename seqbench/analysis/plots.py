@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from seqbench.analysis.fits import exponent_table
+from seqbench.analysis.recall import recall_figure, split_rows
 from seqbench.analysis.runs import STATUS_LABELS, load_meta, load_run, model_order, ok_rows
 from seqbench.formatting import fmt_bytes, fmt_scaled, pick_unit
 
@@ -336,6 +337,7 @@ def make_plots(run_dir: str | Path, df: pd.DataFrame | None = None, meta: dict |
     meta = load_meta(run_dir) if meta is None else meta
     names = [m.get("name") for m in (meta.get("config") or {}).get("models", []) if isinstance(m, dict)]
     colors = model_colors(list(dict.fromkeys([n for n in names if n in set(df["model"])] + model_order(df))))
+    df, probes = split_rows(df)
     fits = exponent_table(df) if fits is None else fits
     out_dir = run_dir / "plots"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -362,4 +364,4 @@ def make_plots(run_dir: str | Path, df: pd.DataFrame | None = None, meta: dict |
     for stem, fig in figures.items():
         if fig is not None:
             written += _save(fig, out_dir, stem, formats)
-    return written
+    return written + recall_figure(probes, colors, out_dir, formats)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from seqbench.analysis.fits import crossovers, exponent_table
+from seqbench.analysis.recall import recall_sections, split_rows
 from seqbench.analysis.runs import WORKLOAD_METRICS, load_meta, load_run
 from seqbench.analysis.tables import (
     NOISY_MARK,
@@ -61,8 +62,15 @@ def _blocks(run_dir: Path, df: pd.DataFrame, meta: dict, figures: list[Path], fi
               "token at a context of L tokens; cache bytes are the KV cache or recurrent state allocated for that "
               "context, summed over its tensors as the sweep recorded them."),
     ]
-    for title, table in metric_tables(df, WORKLOAD_METRICS.get):
+    cost, probes = split_rows(df)
+    for title, table in metric_tables(cost, WORKLOAD_METRICS.get):
         blocks += [("h3", title), ("table", table)]
+    if len(probes):
+        blocks += [("h2", "Recall probes (trained in the run)"),
+                   ("p", "Each probe point trains a fresh model from the seed on MQAR sequences (Zoology §3) and "
+                         "scores it on held-out sequences (docs/design.md, Recall probes).")]
+        for title, text, table in recall_sections(probes):
+            blocks += [("h3", title.removeprefix("recall: ")), ("p", text), ("table", table)]
     blocks += [
         ("h2", "Scaling exponents"),
         ("p", "Log-log OLS slope k in cost ∝ L^k on every measured length from the fit start, "
@@ -95,7 +103,8 @@ def analyse_run(run_dir: str | Path, fit_from: float | None = None) -> tuple[pd.
     """Load a run once and fit it once (from ``fit_from``, by default the top three octaves):
     (rows, metadata, exponent fits, crossovers)."""
     df = load_run(run_dir)
-    return df, load_meta(run_dir), exponent_table(df, fit_from), crossovers(df)
+    cost, _ = split_rows(df)
+    return df, load_meta(run_dir), exponent_table(cost, fit_from), crossovers(cost)
 
 
 def make_report(run_dir: str | Path, analysed: tuple | None = None) -> Path:

@@ -15,9 +15,10 @@ NUMERIC = [
     "param_count", "param_bytes", "flops_per_token", "achieved_flops_per_s", "achieved_bytes_per_s",
     "param_count_non_embedding", "frac_peak_flops", "frac_peak_bytes", "latency_p90_s", "peak_rss_bytes",
     "remeasure_rounds",
+    "n_pairs", "accuracy", "train_steps", "train_s", "final_loss",  # recall probes
 ]
 TEXT = ["run_id", "model", "kind", "layout", "impl_used", "device", "dtype", "workload", "status", "error",
-        "cache_dtype"]
+        "cache_dtype", "accuracy_by_len"]
 # Which columns are scaling metrics for each workload (decode time_* equals the per-token latency).
 WORKLOAD_METRICS = {
     "prefill": ("time_median_s", "tokens_per_s", "peak_mem_bytes"),
@@ -99,7 +100,7 @@ def normalize(rows: pd.DataFrame | list[dict]) -> pd.DataFrame:
     flag = lambda v: v.strip().lower() == "true" if isinstance(v, str) else bool(v) if pd.notna(v) else False  # noqa: E731
     df["noisy"] = df["noisy"].map(flag).astype(bool) if "noisy" in df else False
     # A resumed run may hold a point twice; the last record wins.
-    return df.drop_duplicates(subset=KEYS, keep="last").reset_index(drop=True)
+    return df.drop_duplicates(subset=[*KEYS, "n_pairs"], keep="last").reset_index(drop=True)
 
 
 def load_meta(run_dir: str | Path) -> dict:

@@ -7,6 +7,7 @@ import pandas as pd
 from rich.console import Console
 
 from seqbench.analysis.fits import crossovers, exponent_table
+from seqbench.analysis.recall import recall_sections, split_rows
 from seqbench.analysis.runs import STATUS_LABELS, normalize
 from seqbench.analysis.tables import (
     NOISY_MARK,
@@ -30,8 +31,11 @@ def summary_markdown(rows: pd.DataFrame | list[dict], name: str, planned: int) -
         counts = df["status"].value_counts().to_dict()
         out.append("Statuses: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + ".")
     out.append(f"Medians; {NOISY_MARK} marks a noisy point (IQR / median > 0.10).")
-    for title, table in metric_tables(df, headline_metrics):
+    cost, probes = split_rows(df)
+    for title, table in metric_tables(cost, headline_metrics):
         out += ["", f"## {title}", "", markdown_table(table)]
+    for title, text, table in recall_sections(probes):
+        out += ["", f"## {title}", "", text, "", markdown_table(table)]
     problems = problems_table(df)
     if len(problems):
         out += ["", "## failed, skipped or noisy points", "", markdown_table(problems)]
@@ -45,7 +49,8 @@ def render_summary(console: Console, df: pd.DataFrame | list[dict], fits: pd.Dat
     ``df`` may come straight from the sweep's rows (None for unmeasured values); it is normalized here.
     ``fits`` and ``cross`` are computed here unless the caller already has them.
     """
-    df = normalize(df)
+    everything = normalize(df)
+    df, probes = split_rows(everything)
     for title, table in metric_tables(df, headline_metrics):
         console.print(rich_table(table, title))
     fits = exponent_table(df) if fits is None else fits
@@ -60,7 +65,9 @@ def render_summary(console: Console, df: pd.DataFrame | list[dict], fits: pd.Dat
         claimed = view[view["result"] == "crossover"]
         console.print(rich_table(claimed[["workload", "batch", "pair", "bracket", "≈ L"]], "crossovers (time)")
                       if len(claimed) else "crossovers (time): none in range for any pair", highlight=False)
-    bad = df[df["status"] != "ok"]
+    for title, _, table in recall_sections(probes):
+        console.print(rich_table(table, title))
+    bad = everything[everything["status"] != "ok"]
     if len(bad):
         counts = ", ".join(f"{STATUS_LABELS.get(k, k)} {v}" for k, v in bad["status"].value_counts().items())
         console.print(f"failed or skipped points: {counts}", highlight=False)

@@ -27,7 +27,8 @@ def _attention(spec: ModelSpec, device, dtype) -> nn.Module:
     from seqbench.models.attention import Attention
 
     heads = spec.n_heads or max(1, spec.d_model // 64)
-    return Attention(spec.d_model, heads, spec.n_kv_heads, spec.rope_theta, impl=spec.impl, device=device, dtype=dtype)
+    return Attention(spec.d_model, heads, spec.n_kv_heads, spec.rope_theta, short_conv=spec.short_conv, impl=spec.impl,
+                     device=device, dtype=dtype)
 
 
 def _mamba(spec: ModelSpec, device, dtype) -> nn.Module:
@@ -120,7 +121,8 @@ def preflight_kernels(exp, device: torch.device) -> None:
                 f"({exp.measure.prefill_chunk}) continues prompts from a cached state and {refusal}; "
                 f"use impl: auto (the reference for those calls, recorded in impl_used) or impl: ref"
             )
-        for op in dict.fromkeys(o for kind in spec.layer_kinds() for o in OPS_BY_KIND[kind]):
+        conv = ("causal_conv1d", "causal_conv1d_update") if spec.short_conv else ()  # attention's short conv
+        for op in dict.fromkeys(o for kind in spec.layer_kinds() for o in OPS_BY_KIND[kind] + conv):
             reason = fast_unusable(op, device, DTYPES[exp.dtype])
             if reason is not None:
                 raise RuntimeError(f"models[{i}] '{spec.name}' asks for impl: fast, but op '{op}' cannot run: {reason}")

@@ -90,7 +90,7 @@ class ProcessExecutor(SequentialExecutor):
         proc = self._ctx.Process(target=_worker, args=(spec, child_conn), daemon=True)
         proc.start()
         child_conn.close()
-        timeout_s = spec.exp.measure.timeout_s
+        timeout_s = spec.timeout_s
         try:
             row = None
             if self._receive(parent_conn, self.STARTUP_LIMIT_S) == "ready":

@@ -55,6 +55,7 @@ class PointSpec:
     seq_len: int
     device: str
     calibration: dict | None = None
+    n_pairs: int | None = None  # recall probes only (seqbench/probes): key-value pairs per sequence
 
     @cached_property
     def exp(self) -> Experiment:
@@ -64,6 +65,14 @@ class PointSpec:
     @property
     def model_spec(self) -> ModelSpec:
         return next(m for m in self.exp.models if m.name == self.model)
+
+    @property
+    def is_probe(self) -> bool:
+        return self.n_pairs is not None
+
+    @property
+    def timeout_s(self) -> float:
+        return self.exp.probes.timeout_s if self.is_probe else self.exp.measure.timeout_s
 
 
 def base_row(spec: PointSpec, status: str, error: str | None = None) -> dict:
@@ -76,6 +85,8 @@ def base_row(spec: PointSpec, status: str, error: str | None = None) -> dict:
         new_tokens=exp.sweep.new_tokens if spec.workload == "decode" else None, status=status, error=error,
         host=socket.gethostname(),
     )
+    if spec.is_probe:
+        row["n_pairs"] = spec.n_pairs
     return row
 
 
@@ -145,19 +156,26 @@ def run_point(spec: PointSpec, models: dict[str, SeqModel] | None = None) -> dic
     """Measure one point and return its row. Never raises for a failure of the point itself.
 
     Building the model counts against the point's timeout. ``models`` (inline executor) keeps built models by
-    name so the next length of the same model reuses them."""
+    name so the next length of the same model reuses them. A recall probe (``spec.is_probe``) never uses
+    them: it trains a fresh model from the seed."""
     exp = spec.exp
     ms = exp.measure
     t_start = time.monotonic()
     try:
-        with memory_cap(ms.memory_limit_gb), alarm(ms.timeout_s):
+        with memory_cap(ms.memory_limit_gb), alarm(spec.timeout_s):
+            if spec.is_probe:
+                from seqbench.probes.points import run_probe
+
+                row = base_row(spec, "ok")
+                row.update(run_probe(spec, deadline=t_start + spec.timeout_s))
+                return row
             model = None if models is None else models.get(spec.model)
             if model is None:
                 model = build(spec)
                 if models is not None:
                     models[spec.model] = model
             return _measure(spec, exp, model, deadline=t_start + ms.timeout_s)
-    except PointTimeout as e:
+    except (PointTimeout, TimeoutError) as e:  # TimeoutError: a recall probe's training deadline
         return base_row(spec, "timeout", str(e))
     except Exception as e:  # noqa: BLE001 - every failure becomes a row
         first_line = (str(e).splitlines() or [""])[0][:300]  # MemoryError() has no message at all

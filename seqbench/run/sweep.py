@@ -28,13 +28,24 @@ import yaml
 
 from seqbench.config import Experiment
 from seqbench.models import DTYPES
+from seqbench.probes.points import probe_grid
 from seqbench.run.calibration import calibrate
 from seqbench.run.executors import EXECUTORS
 from seqbench.run.measure import exclusive_machine
 from seqbench.run.point import COLUMNS, SKIP_AFTER, SKIPPED_BECAUSE, PointSpec, base_row
 from seqbench.run.provenance import resolve_device, snapshot
 
-Key = tuple[str, str, int, int]  # (model, workload, batch, seq_len)
+Key = tuple  # (model, workload, batch, seq_len), and n_pairs after them for a recall probe
+
+
+def describe_key(key: Key) -> str:
+    """The progress label of a point; a recall probe's key ends in n_pairs (D)."""
+    return f"{key[0]:>12} {key[1]:<7} b={key[2]} L={key[3]}" + (f" D={key[4]}" if len(key) > 4 else "")
+
+
+def row_key(row: dict) -> Key:
+    key = (row["model"], row["workload"], row["batch"], row["seq_len"])
+    return key + (row["n_pairs"],) if row.get("n_pairs") is not None else key
 
 
 class Interrupted(Exception):
@@ -50,7 +61,7 @@ def plan_grid(exp: Experiment) -> list[Key]:
                 for i, seq_len in enumerate(spec.seq_lens):
                     order = names if i % 2 == 0 else names[::-1]
                     grid.extend((name, workload, batch, seq_len) for name in order)
-    return list(dict.fromkeys(grid))  # a point two grids share is measured once
+    return list(dict.fromkeys(grid)) + probe_grid(exp)  # a point two grids share is measured once
 
 
 def new_run_dir(exp: Experiment, out: str | Path | None = None) -> Path:
@@ -84,18 +95,18 @@ class SweepState:
         return self.run_dir / "points.jsonl"
 
     def record(self, row: dict) -> None:
-        key = (row["model"], row["workload"], row["batch"], row["seq_len"])
-        self.rows[key] = row
+        self.rows[row_key(row)] = row
         with open(self.points_path, "a") as f:
             f.write(json.dumps(row, default=str) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
     def failed_series(self, key: Key) -> str | None:
-        """The skip status for key if a shorter length of its series hit an OOM or a timeout."""
-        model, workload, batch, seq_len = key
-        for (m, w, b, length), row in self.rows.items():
-            if (m, w, b) == (model, workload, batch) and length < seq_len and row["status"] in SKIP_AFTER:
+        """The skip status for key if a shorter length of its series hit an OOM or a timeout.
+
+        A series is the key without its length (key[3]): (model, workload, batch[, n_pairs])."""
+        for other, row in self.rows.items():
+            if other[:3] + other[4:] == key[:3] + key[4:] and other[3] < key[3] and row["status"] in SKIP_AFTER:
                 return SKIP_AFTER[row["status"]]
         return None
 
@@ -112,7 +123,7 @@ def prepare_run(exp: Experiment, out: str | Path | None = None, resume: Path | N
         rows = read_points(state.points_path)
         state.points_path.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))  # drop a torn line
         for r in rows:
-            state.rows[(r["model"], r["workload"], r["batch"], r["seq_len"])] = r
+            state.rows[row_key(r)] = r
         return state
     run_dir = new_run_dir(exp, out)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
@@ -211,7 +222,8 @@ def _run_sweep(state: SweepState, on_start, on_done) -> list[dict]:
         raise KeyboardInterrupt
 
     def spec_of(key: Key) -> PointSpec:
-        return PointSpec(run_id, resolved, *key, str(device), calibration)
+        model, workload, batch, seq_len, *n_pairs = key  # a recall probe's key ends in n_pairs
+        return PointSpec(run_id, resolved, model, workload, batch, seq_len, str(device), calibration, *n_pairs)
 
     previous = signal.signal(signal.SIGTERM, _on_term)
     try:
@@ -228,9 +240,6 @@ def _run_sweep(state: SweepState, on_start, on_done) -> list[dict]:
         executor.close()  # cancels points still in flight; the rows that landed are on disk
     return ordered_rows(state)
 
-
-def row_key(row: dict) -> Key:
-    return row["model"], row["workload"], row["batch"], row["seq_len"]
 
 
 def stream(executor, keys: list[Key], spec_of: Callable[[Key], PointSpec], started: Callable[[Key], None],

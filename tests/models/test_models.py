@@ -9,6 +9,7 @@ from seqbench.models import build_model
 
 SPECS = {
     "attention": {"kind": "attention", "d_model": 32, "n_layers": 2, "n_heads": 4},
+    "attention-conv": {"kind": "attention", "d_model": 32, "n_layers": 2, "n_heads": 4, "short_conv": 4},
     "gqa": {"kind": "attention", "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "mlp_expand": 2},
     "s4d": {"kind": "s4d", "d_model": 32, "n_layers": 2, "d_state": 16},
     "mamba": {"kind": "mamba", "d_model": 32, "n_layers": 2, "d_state": 8},
@@ -119,3 +120,9 @@ def test_bfloat16_runs_and_tracks_float32(name):
         step = cache_model.step(toks[:, :1], cache)
     assert torch.isfinite(low).all() and torch.isfinite(step.float()).all()
     assert (low - ref).abs().max() < 0.1 * ref.abs().max() + 0.05
+
+
+def test_short_conv_state_is_counted_in_the_cache():
+    plain, conv = make("attention"), make("attention-conv")
+    extra = conv.allocate_cache(3, 16).nbytes() - plain.allocate_cache(3, 16).nbytes()
+    assert extra == 2 * 3 * 32 * 4 * 4  # layers · batch · d_model · conv width · float32 bytes
