@@ -373,7 +373,7 @@ def flops_cmd(
     context: str = typer.Option(DEFAULT_CONTEXTS, "--context", "-c", help=CONTEXT_HELP),
     json_out: bool = typer.Option(False, "--json", help="print exact FLOP counts as JSON"),
 ) -> None:
-    """Analytic FLOPs per token of prefill and decode at each context (docs/design.md, "FLOPs")."""
+    """Analytic FLOPs per token of prefill and decode at each context (docs/design.md, "The calculator")."""
     from dataclasses import asdict
 
     from seqbench.calc.memcalc import flops, human_tokens

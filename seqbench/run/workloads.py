@@ -1,4 +1,4 @@
-"""Workloads: what is timed at one grid point (docs/design.md, "Workloads").
+"""Workloads: what is timed at one grid point (docs/design.md, "What a point measures").
 
 Each builder does its untimed set-up and returns a ``Workload``: the callable to time, the tokens one call
 processes, the FLOPs / bytes that call moves (for the roofline columns) and the cache it holds.
