@@ -1,4 +1,5 @@
-"""Timers, sample statistics, the one-benchmark-at-a-time lock and peak-memory trackers (docs/design.md, "What a point measures").
+"""Timers, sample statistics, the one-benchmark-at-a-time lock and peak-memory trackers
+(docs/design.md, "What a point measures").
 
 CPU timing uses ``time.perf_counter``; CUDA timing uses CUDA events recorded on the current stream and read
 after a synchronize. Events measure the GPU's timeline, which includes the gaps while it waits for the host to
