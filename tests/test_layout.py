@@ -114,3 +114,11 @@ def test_nothing_refers_outside_the_repository():
     offenders = [str(p.relative_to(root)) for p in tracked if p.is_file() and OLD_DESIGN in p.read_text()]
     assert not offenders
     assert (root / "docs" / "design.md").is_file()
+
+
+def test_config_names_the_mixers_the_registry_builds():
+    """config.py cannot import models (the arrow), so its list of mixer kinds is checked against the registry."""
+    from seqbench.config import LAYOUT_LETTERS, MIXER_KINDS
+    from seqbench.models import MIXERS
+
+    assert set(MIXER_KINDS) == set(MIXERS) == set(LAYOUT_LETTERS.values())

@@ -24,10 +24,12 @@ from typing import Any
 
 import yaml
 
+from seqbench.config import LAYOUT_LETTERS
 from seqbench.messages import did_you_mean as _did_you_mean
 
 PRESET_FILE = Path(__file__).with_name("published.yaml")
-LETTER_KIND = {"A": "attention", "M": "mamba", "D": "mamba2"}
+# the letters of config.LAYOUT_LETTERS whose mixers published checkpoints use (no S4D counterpart here)
+LETTER_KIND = {letter: kind for letter, kind in LAYOUT_LETTERS.items() if kind != "s4d"}
 KIND_LETTER = {v: k for k, v in LETTER_KIND.items()}
 SSM_NORMS = ("none", "weighted", "unweighted")
 
