@@ -271,9 +271,12 @@ def needs_remeasure(row: dict | None, round_: int) -> bool:
 
 
 def better_of(old: dict, new: dict, round_: int) -> dict:
-    """The less noisy of two measurements of one point (smaller IQR/median), marked with the rounds taken.
+    """The faster of two measurements of one point (smaller median), marked with the rounds taken.
+
+    Interference on a shared machine (another process, the host of a VM) only ever slows a call down, and it
+    comes in episodes that can cover a whole point; so the lower median is the less disturbed measurement.
     A re-measurement that failed (e.g. timed out on a loaded machine) never replaces a measured row."""
-    keep = new if new["status"] == "ok" and new["iqr_ratio"] <= old["iqr_ratio"] else old
+    keep = new if new["status"] == "ok" and new["time_median_s"] < old["time_median_s"] else old
     return {**keep, "remeasure_rounds": round_}
 
 

@@ -12,11 +12,12 @@ from seqbench.run.executors import EXECUTORS, SequentialExecutor
 from seqbench.run.point import base_row
 from seqbench.run.sweep import plan_grid, prepare_run, run_sweep, write_results_csv
 
-# IQR/median of each successive measurement of a point (> 0.10 is noisy); points not listed are quiet
+# (IQR/median, median ms) of each successive measurement of a point (IQR/median > 0.10 is noisy); points not
+# listed are quiet at 1 ms
 SCRIPT = {
-    ("a", "prefill", 1, 32): [0.5, 0.3, 0.02],  # quiet on the second re-measurement
-    ("b", "prefill", 1, 16): [0.2, 0.4, 0.3],  # noisy every time: the least noisy (the first) is kept
-    ("b", "prefill", 1, 32): [0.3, 0.01],  # quiet on the first re-measurement
+    ("a", "prefill", 1, 32): [(0.5, 3.0), (0.3, 2.0), (0.02, 2.5)],  # quiet at last, but slower: 2.0 ms kept
+    ("b", "prefill", 1, 16): [(0.2, 2.0), (0.4, 1.5), (0.3, 4.0)],  # noisy every time: the fastest is kept
+    ("b", "prefill", 1, 32): [(0.3, 5.0), (0.01, 1.0)],  # faster and quiet on the first re-measurement
 }
 
 
@@ -27,9 +28,10 @@ class ScriptedExecutor(SequentialExecutor):
         key = (spec.model, spec.workload, spec.batch, spec.seq_len)
         n = sum(1 for k in self.calls if k == key)
         self.calls.append(key)
-        iqr = SCRIPT.get(key, [0.01])[n] if n < len(SCRIPT.get(key, [0.01])) else 0.01
+        script = SCRIPT.get(key, [])
+        iqr, median_ms = script[n] if n < len(script) else (0.01, 1.0)
         row = base_row(spec, "ok")
-        row.update(time_median_s=1e-3 * (n + 1), iqr_ratio=iqr, noisy=iqr > 0.10, remeasure_rounds=0, n_samples=5)
+        row.update(time_median_s=median_ms / 1e3, iqr_ratio=iqr, noisy=iqr > 0.10, remeasure_rounds=0, n_samples=5)
         return row
 
     def close(self):
@@ -57,30 +59,32 @@ def _key(r):
     return (r["model"], r["workload"], r["batch"], r["seq_len"])
 
 
-def test_noisy_points_are_remeasured_interleaved_and_the_quieter_row_kept(tmp_path, scripted):
+def test_noisy_points_are_remeasured_interleaved_and_the_faster_row_kept(tmp_path, scripted):
     exp = _exp()
     state = prepare_run(exp, tmp_path)
     rows = {_key(r): r for r in run_sweep(state)}
     grid = plan_grid(exp)
     # the grid once, then round 1 over the three noisy points in grid order, then round 2 over the still noisy
     noisy_in_grid_order = [k for k in grid if k in SCRIPT]
-    assert scripted.calls == grid + noisy_in_grid_order + [k for k in noisy_in_grid_order if SCRIPT[k][1] > 0.1]
+    # round 2: the points whose kept row is still noisy after round 1 (a32 kept its 2.0 ms noisy one, b16 its
+    # 1.5 ms noisy one; b32 kept its quiet 1.0 ms one)
+    assert scripted.calls == grid + noisy_in_grid_order + [("b", "prefill", 1, 16), ("a", "prefill", 1, 32)]
     a32, b16, b32 = (rows[k] for k in SCRIPT)
-    assert (a32["iqr_ratio"], a32["noisy"], a32["remeasure_rounds"]) == (0.02, False, 2)
-    assert (b16["iqr_ratio"], b16["noisy"], b16["remeasure_rounds"]) == (0.2, True, 2)  # rounds used up
-    assert (b32["iqr_ratio"], b32["remeasure_rounds"]) == (0.01, 1)
+    assert (a32["time_median_s"], a32["iqr_ratio"], a32["noisy"], a32["remeasure_rounds"]) == (2e-3, 0.3, True, 2)
+    assert (b16["time_median_s"], b16["iqr_ratio"], b16["remeasure_rounds"]) == (1.5e-3, 0.4, 2)  # rounds used up
+    assert (b32["time_median_s"], b32["iqr_ratio"], b32["remeasure_rounds"]) == (1e-3, 0.01, 1)
     assert rows[("a", "prefill", 1, 16)]["remeasure_rounds"] == 0
 
     lines = [json.loads(line) for line in (state.run_dir / "points.jsonl").read_text().splitlines()]
     assert len(lines) == len(grid) + 2 + 2 + 1  # appended, never rewritten
     csv = pd.read_csv(write_results_csv(state))
     assert len(csv) == len(grid)
-    assert csv.set_index(["model", "seq_len"]).loc[("a", 32), "iqr_ratio"] == 0.02
+    assert csv.set_index(["model", "seq_len"]).loc[("a", 32), "time_median_s"] == 2e-3
     assert load_run(state.run_dir).set_index(["model", "seq_len"]).loc[("a", 32), "remeasure_rounds"] == 2
 
     scripted.calls = []  # resuming the finished run measures nothing again and reads the later lines
     resumed = prepare_run(exp, resume=state.run_dir)
-    assert resumed.rows[("a", "prefill", 1, 32)]["iqr_ratio"] == 0.02
+    assert resumed.rows[("a", "prefill", 1, 32)]["time_median_s"] == 2e-3
     run_sweep(resumed)
     assert scripted.calls == []
 
