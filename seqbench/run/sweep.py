@@ -3,7 +3,8 @@
 Order: for each workload and batch, lengths ascend; within a length the models alternate direction
 (A B C, then C B A) so slow drift of the machine is not confounded with architecture. After an OOM or a
 timeout, the larger lengths of that (model, workload, batch) series are recorded as skipped, never missing.
-After the grid, points flagged noisy are measured again, in grid order, up to ``measure.remeasure`` rounds.
+After the grid, points flagged noisy or timed only briefly are measured again, in grid order, up to
+``measure.remeasure`` rounds; the faster measurement of a point is kept.
 Cluster executors have many points in flight: a point is skipped if a shorter length of its series had
 already failed when the point was due to be submitted; one already in flight runs and keeps its own row.
 
@@ -265,9 +266,18 @@ def stream(executor, keys: list[Key], spec_of: Callable[[Key], PointSpec], start
             yield row
 
 
+# A point timed for less than this can sit inside one slow episode of a shared machine, which then slows all
+# its samples alike: its IQR cannot show the episode, so it is re-measured whether flagged noisy or not.
+BRIEF_POINT_S = 1.0
+
+
 def needs_remeasure(row: dict | None, round_: int) -> bool:
-    """A measured point still flagged noisy that has had fewer than ``round_`` re-measurements."""
-    return bool(row and row["status"] == "ok" and row.get("noisy") and (row.get("remeasure_rounds") or 0) < round_)
+    """A measured point that has had fewer than ``round_`` re-measurements and is flagged noisy or was timed
+    for less than BRIEF_POINT_S in all (a decode point's steps take tens of milliseconds)."""
+    if not row or row["status"] != "ok" or (row.get("remeasure_rounds") or 0) >= round_:
+        return False
+    timed_s = (row.get("n_samples") or 0) * (row.get("time_median_s") or 0.0)  # a recall probe has no timing
+    return bool(row.get("noisy")) or 0 < timed_s < BRIEF_POINT_S
 
 
 def better_of(old: dict, new: dict, round_: int) -> dict:
