@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seqbench.ops import get
+from seqbench.ops import REF_LABELS, get
 from seqbench.ops.conv import fill_conv_state
-from seqbench.ops.ssd import discretize_dt
+from seqbench.ops.ssd import block_len, discretize_dt
 
 
 class GatedRMSNorm(nn.Module):
@@ -150,6 +150,9 @@ class Mamba2(nn.Module):
 
         dev = device or "cpu"
         self._ssd, l_ssd = get("ssd", impl, dev)
+        # the blocks the FLOPs count: the fused kernel's chunk_size (last chunk padded), or the reference's own
+        self._ssd_block = None if l_ssd == REF_LABELS["ssd"] else chunk_size
+        self._device = torch.device(dev)
         self._conv, l_conv = get("causal_conv1d", impl, dev)
         self._conv_update, l_conv_up = get("causal_conv1d_update", impl, dev)
         self._state_update, l_step = get("selective_state_update", impl, dev)
@@ -276,19 +279,27 @@ class Mamba2(nn.Module):
     def _proj_flops(self) -> int:
         return 2 * (self.in_proj.in_features * self.in_proj.out_features + self.d_inner * self.d_model)
 
+    def ssd_blocks(self, seq_len: int) -> list[int]:
+        """Positions per block of the SSD as it runs: the fused kernel pads the last of its chunk_size chunks;
+        the reference blocks by shape (ops/ssd.block_len) and its last block is just shorter."""
+        q = self._ssd_block or block_len(seq_len, self.nheads, self.headdim, self.ngroups, self.d_state, self._device)
+        full, rest = divmod(seq_len, q)
+        if rest and self._ssd_block:
+            return [q] * (full + 1)
+        return [q] * full + ([rest] if rest else [])
+
     def prefill_flops(self, seq_len: int) -> int:
-        """Per sequence of l tokens, with Q = chunk_size and l_pad = Q * ceil(l / Q) (the blocks as computed):
+        """Per sequence of l tokens cut into blocks of q_i positions (``ssd_blocks``):
 
         l * (2 d (d_in_proj + d_inner) + 2 conv_dim d_conv + 2 d_ssm)          projections, conv, D skip
-        + 2 l_pad Q (g n + h p)                                                 C B^T and the diagonal blocks
-        + 4 l_pad h p n + 2 (l_pad / Q) h p n                                   chunk states, readout, passing
+        + Σ_i 2 q_i^2 (g n + h p)                                               C B^T and the diagonal blocks
+        + Σ_i (4 q_i + 2) h p n                                                 block states, readout, passing
         """
-        l, q = seq_len, self.chunk_size
-        l_pad = q * -(-l // q)
+        blocks = self.ssd_blocks(seq_len)
         hpn = self.nheads * self.headdim * self.d_state
         per_token = self._proj_flops() + 2 * self.conv_dim * self.d_conv + 2 * self.d_ssm
-        diag = 2 * l_pad * q * (self.ngroups * self.d_state + self.nheads * self.headdim)
-        return l * per_token + diag + 4 * l_pad * hpn + 2 * (l_pad // q) * hpn
+        diag = 2 * sum(q * q for q in blocks) * (self.ngroups * self.d_state + self.nheads * self.headdim)
+        return seq_len * per_token + diag + sum(4 * q + 2 for q in blocks) * hpn
 
     def step_flops(self, context_len: int) -> int:
         """Independent of context_len: 2 d (d_in_proj + d_inner) + 2 conv_dim d_conv + 5 h p n + 2 d_ssm

@@ -35,6 +35,8 @@ _REF: dict[str, tuple[str, str, str]] = {
     "fft_conv": ("seqbench.ops.fftconv", "fft_conv", "torch-fft"),
 }
 
+REF_LABELS = {op: label for op, (_, _, label) in _REF.items()}  # op -> the reference's impl label
+
 _FAST: dict[str, tuple[str, str, str]] = {
     "attention": ("seqbench.ops.fast", "flash_attention", "flash_attn-cuda"),
     "attention_kvcache": ("seqbench.ops.fast", "flash_attention_kvcache", "flash_attn-cuda"),

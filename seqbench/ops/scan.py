@@ -134,6 +134,12 @@ def _scan_(
         xs[t].addcmul_(as_[t], xs[prev])
 
 
+def _batch_rows(b: int, d: int, n: int) -> int:
+    """Batch rows scanned together: as many as fit the work buffer at the shortest chunk (a large batch of
+    short sequences would otherwise make every buffer b / rows times larger than the cache)."""
+    return max(1, min(b, _WORK_ELEMS // (_MIN_CHUNK * d * n)))
+
+
 def _chunk_len(b: int, d: int, n: int) -> int:
     """Steps per chunk: the largest power of two whose work buffer fits _WORK_ELEMS, within the bounds."""
     c = 1 << max(0, (_WORK_ELEMS // (b * d * n)).bit_length() - 1)
@@ -387,6 +393,16 @@ def selective_scan(
     times silu(z_t) when z is given. Returns y (b, d, l) in u's dtype [and the final state (b, d, n), float32].
     """
     p = _Problem(u, A, B, C)
+    rows = _batch_rows(p.b, p.d, p.n)
+    if rows < p.b:  # independent sequences: scan them in cache-sized groups of batch rows
+        parts = [
+            selective_scan(u[i : i + rows], delta[i : i + rows], A, p.B[i : i + rows], p.C[i : i + rows], D,
+                           None if z is None else z[i : i + rows], delta_bias, delta_softplus,
+                           None if initial_state is None else initial_state[i : i + rows], return_final_state=True)
+            for i in range(0, p.b, rows)
+        ]
+        y, h_last = (torch.cat(ts) for ts in zip(*parts, strict=True))  # (b, d, l), (b, d, n)
+        return (y, h_last) if return_final_state else y
     f32 = [None if t is None else t.float() for t in (D, z, delta_bias, initial_state)]
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from seqbench.models.mamba2 import Mamba2
 from seqbench.ops import KernelUnavailable
+from seqbench.ops.ssd import block_len
 
 D_MODEL = 32
 
@@ -225,8 +226,18 @@ def test_bfloat16_runs_and_tracks_float32():
 def test_flop_counts():
     m = make()
     assert m.step_flops(10) == m.step_flops(10_000) > 0
-    assert m.prefill_flops(64) == 8 * m.prefill_flops(8)  # linear in l at whole chunks
-    assert m.prefill_flops(9) > m.prefill_flops(8)
+    long = block_len(10_000, m.nheads, m.headdim, m.ngroups, m.d_state)
+    assert m.prefill_flops(8 * long) == 2 * m.prefill_flops(4 * long)  # linear in l at whole blocks
+    # the reference never pads: its blocks cover exactly l, and within each blocking regime (one block up to
+    # `single` positions, blocks of `long` beyond) every extra position costs
+    assert all(sum(m.ssd_blocks(l)) == l for l in range(1, 3 * long))
+    single = max(l for l in range(1, 3 * long) if m.ssd_blocks(l) == [l])
+    assert all(m.prefill_flops(l + 1) > m.prefill_flops(l) for l in range(1, 3 * long) if l != single)
+    fused = make()
+    fused._ssd_block = fused.chunk_size  # what the fused kernel runs: chunk_size blocks, the last one padded
+    pad = fused.prefill_flops(2) - fused.prefill_flops(1)  # within one chunk only the per-token part grows
+    assert fused.prefill_flops(fused.chunk_size) - fused.prefill_flops(1) == (fused.chunk_size - 1) * pad
+    assert fused.prefill_flops(1) > m.prefill_flops(1)  # one padded chunk against one position
     proj = 2 * (D_MODEL * m.in_proj.out_features + 2 * D_MODEL * D_MODEL)
     assert m.prefill_flops(8) > 8 * proj and m.step_flops(0) > proj
 

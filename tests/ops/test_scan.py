@@ -129,7 +129,9 @@ def _oracle(x, case):
 @pytest.fixture(params=[4, 16])
 def small_chunks(monkeypatch, request):
     """Force 32-step chunks so short sequences cross several chunk boundaries and uneven tails; with 4-step
-    blocks the in-chunk scan also recurses twice."""
+    blocks the in-chunk scan also recurses twice. The work buffer holds 2 batch rows of d = 8, n = 4, so a
+    batch of 3 is scanned as groups of 2 and 1 rows."""
+    monkeypatch.setattr(scan, "_WORK_ELEMS", 2 * 32 * 8 * 4)
     monkeypatch.setattr(scan, "_MAX_CHUNK", 32)
     monkeypatch.setattr(scan, "_MIN_CHUNK", 32)
     monkeypatch.setattr(scan, "_BLOCK", request.param)
