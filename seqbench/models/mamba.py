@@ -122,12 +122,10 @@ class Mamba(nn.Module):
         if start > 0 and cache is None:
             raise ValueError("a prefill that starts after position 0 needs the cache of the earlier positions")
         e, w_in, b_in = self.d_inner, self.in_proj.weight, self.in_proj.bias
-        # Each projection is laid out the way its consumer reads it: the conv reads channels-major x, the scan
-        # reads time-major dt and z (free views), so only the conv output is transposed (inside the scan).
-        xc = torch.matmul(w_in[:e], x.transpose(1, 2))  # (b, d_inner, l)
+        # Everything stays time-major, (b, l, channels) in memory: the conv and the scan read that layout
+        # directly (their (b, d, l) arguments are transposed views), so nothing is transposed in between.
+        xc = F.linear(x, w_in[:e], None if b_in is None else b_in[:e]).transpose(1, 2)  # (b, d_inner, l)
         z = F.linear(x, w_in[e:], None if b_in is None else b_in[e:])  # (b, l, d_inner)
-        if b_in is not None:
-            xc = xc + b_in[:e, None]
         conv_state = ssm_state = None
         if cache is not None:
             conv_state, ssm_state = cache["conv_state"][:b], cache["ssm_state"][:b]
@@ -141,10 +139,12 @@ class Mamba(nn.Module):
             if start == 0:
                 conv_state.zero_()  # positions before 0 are zeros, as in the convolution's padding
             fill_conv_state(conv_state, xc)
-        dt, B, C = torch.matmul(self.x_proj.weight, xs).split([self.dt_rank, self.d_state, self.d_state], dim=1)
-        dt = torch.matmul(dt.transpose(1, 2), self.dt_proj.weight.t())  # (b, l, d_inner), bias added in the scan
+        dt, B, C = F.linear(xs.transpose(1, 2), self.x_proj.weight).split(
+            [self.dt_rank, self.d_state, self.d_state], dim=-1)  # (b, l, *)
+        dt = F.linear(dt, self.dt_proj.weight)  # (b, l, d_inner), bias added in the scan
         out = scan(
-            xs, dt.transpose(1, 2), self._A(), B, C, self.D.float(), z.transpose(1, 2),  # B, C: (b, n, l)
+            xs, dt.transpose(1, 2), self._A(), B.transpose(1, 2), C.transpose(1, 2), self.D.float(),
+            z.transpose(1, 2),  # B, C: (b, n, l)
             delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
             initial_state=ssm_state if start > 0 else None, return_final_state=ssm_state is not None,
         )

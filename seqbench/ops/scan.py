@@ -395,13 +395,18 @@ def selective_scan(
     p = _Problem(u, A, B, C)
     rows = _batch_rows(p.b, p.d, p.n)
     if rows < p.b:  # independent sequences: scan them in cache-sized groups of batch rows
+        dtype = u.dtype
+        # time-major float32 once for the whole batch (the groups' slices of it are then free to use)
+        u, delta, z = (None if t is None else _time_major(t).transpose(1, 2) for t in (u, delta, z))  # (b, d, l)
         parts = [
             selective_scan(u[i : i + rows], delta[i : i + rows], A, p.B[i : i + rows], p.C[i : i + rows], D,
                            None if z is None else z[i : i + rows], delta_bias, delta_softplus,
                            None if initial_state is None else initial_state[i : i + rows], return_final_state=True)
             for i in range(0, p.b, rows)
         ]
-        y, h_last = (torch.cat(ts) for ts in zip(*parts, strict=True))  # (b, d, l), (b, d, n)
+        ys, hs = zip(*parts, strict=True)
+        y = torch.cat([y.transpose(1, 2) for y in ys]).transpose(1, 2).to(dtype)  # (b, d, l), time-major
+        h_last = torch.cat(hs)  # (b, d, n)
         return (y, h_last) if return_final_state else y
     f32 = [None if t is None else t.float() for t in (D, z, delta_bias, initial_state)]
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
