@@ -30,7 +30,7 @@ _REF: dict[str, tuple[str, str, str]] = {
     "causal_conv1d": ("seqbench.ops.conv", "causal_conv1d", "torch-conv1d"),
     "causal_conv1d_update": ("seqbench.ops.conv", "causal_conv1d_update", "torch-conv1d"),
     "selective_scan": ("seqbench.ops.scan", "selective_scan", "torch-chunked"),
-    "selective_state_update": ("seqbench.ops.scan", "selective_state_update", "torch"),
+    "selective_state_update": ("seqbench.ops.state_update", "selective_state_update", "torch"),
     "ssd": ("seqbench.ops.ssd", "ssd", "torch-ssd-chunked"),
     "fft_conv": ("seqbench.ops.fftconv", "fft_conv", "torch-fft"),
 }

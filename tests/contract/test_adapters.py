@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seqbench.ops import attn, conv, fast, get, scan, ssd
+from seqbench.ops import attn, conv, fast, get, scan, ssd, state_update
 
 
 def _g(seed: int) -> torch.Generator:
@@ -52,7 +52,7 @@ def test_selective_state_update(libs, layout):
     C, dt, z = torch.randn_like(B), torch.randn_like(x), torch.randn_like(x)
     s1, s2 = state.clone(), state.clone()
     y1 = fast.selective_state_update(s1, x, dt, A, B, C, D, z, dt_bias=D.abs(), dt_softplus=True)
-    y2 = scan.selective_state_update(s2, x, dt, A, B, C, D, z, dt_bias=D.abs(), dt_softplus=True)
+    y2 = state_update.selective_state_update(s2, x, dt, A, B, C, D, z, dt_bias=D.abs(), dt_softplus=True)
     torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(s1, s2, rtol=1e-5, atol=1e-5)  # both update the state in place
 

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from seqbench.ops import scan
-from seqbench.ops.scan import selective_scan, selective_state_update
+from seqbench.ops.scan import selective_scan
+from seqbench.ops.state_update import selective_state_update
 
 
 def loop_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, h0=None):
