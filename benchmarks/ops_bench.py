@@ -136,7 +136,7 @@ def bench_layer(d_inner: int, n: int, l: int, repeats: int) -> tuple:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m seqbench.ops.bench", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python benchmarks/ops_bench.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--length", type=int, default=4096)
     ap.add_argument("--d-inner", type=int, default=512)

@@ -152,7 +152,6 @@ class Mamba2(nn.Module):
         self._ssd, l_ssd = get("ssd", impl, dev)
         # the blocks the FLOPs count: the fused kernel's chunk_size (last chunk padded), or the reference's own
         self._ssd_block = None if l_ssd == REF_LABELS["ssd"] else chunk_size
-        self._device = torch.device(dev)
         self._conv, l_conv = get("causal_conv1d", impl, dev)
         self._conv_update, l_conv_up = get("causal_conv1d_update", impl, dev)
         self._state_update, l_step = get("selective_state_update", impl, dev)
@@ -282,7 +281,8 @@ class Mamba2(nn.Module):
     def ssd_blocks(self, seq_len: int) -> list[int]:
         """Positions per block of the SSD as it runs: the fused kernel pads the last of its chunk_size chunks;
         the reference blocks by shape (ops/ssd.block_len) and its last block is just shorter."""
-        q = self._ssd_block or block_len(seq_len, self.nheads, self.headdim, self.ngroups, self.d_state, self._device)
+        device = self.in_proj.weight.device  # where the reference would run, so its blocking
+        q = self._ssd_block or block_len(seq_len, self.nheads, self.headdim, self.ngroups, self.d_state, device)
         full, rest = divmod(seq_len, q)
         if rest and self._ssd_block:
             return [q] * (full + 1)

@@ -1,28 +1,15 @@
 """The ray executor on a local Ray instance: the smoke grid lands whole, with inline's statuses."""
 
-import json
 import os
-from pathlib import Path
 
 import pytest
-import yaml
-from conftest import ROOT
-from typer.testing import CliRunner
+from conftest import latest_rows, run_smoke_through
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 ray = pytest.importorskip("ray")
 
-from seqbench.cli import app  # noqa: E402
 from seqbench.experiment import load_experiment  # noqa: E402
 from seqbench.run.sweep import plan_grid  # noqa: E402
-
-SMOKE = Path(ROOT) / "configs" / "smoke.yaml"
-
-
-def latest_rows(run: Path) -> dict:
-    """The row of each point: noisy points are re-measured and appended again, the later line wins."""
-    rows = [json.loads(line) for line in (run / "points.jsonl").read_text().splitlines()]
-    return {(r["model"], r["workload"], r["batch"], r["seq_len"]): r for r in rows}
 
 
 @pytest.fixture(scope="module")
@@ -33,18 +20,13 @@ def local_ray():
 
 
 def test_smoke_through_ray_has_inline_grid_and_statuses(tmp_path, local_ray):
-    raw = yaml.safe_load(SMOKE.read_text())
-    raw["measure"]["remeasure"] = 0  # grid and statuses are the point here; re-measuring noise only adds time
-    config = tmp_path / "smoke.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    out = tmp_path / "runs"
-    result = CliRunner().invoke(app, ["run", str(config), "--out", str(out), "--executor", "ray"])
+    config, run, result = run_smoke_through("ray", tmp_path)
     assert result.exit_code == 0, result.output
-    (run,) = [p for p in out.iterdir() if p.is_dir()]
-    rows = list(latest_rows(run).values())
+    latest = latest_rows(run)
+    rows = list(latest.values())
     # inline runs this grid with every point ok (tests/cli/test_cli.py::test_smoke_config_runs_and_plots);
     # rows land in any order, so compare as sets; results.csv is written in grid order all the same
-    assert sorted(latest_rows(run)) == sorted(plan_grid(load_experiment(SMOKE)))
+    assert sorted(latest) == sorted(plan_grid(load_experiment(config)))
     assert {r["status"] for r in rows} == {"ok"}, [(r["model"], r["status"], r["error"]) for r in rows]
     # the experiment's threads (2) ran each point, and every row says which machine measured it
     assert {r["threads"] for r in rows} == {2}

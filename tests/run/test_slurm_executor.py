@@ -2,35 +2,22 @@
 
 import json
 import os
-from pathlib import Path
 
 import pytest
-import yaml
-from conftest import ROOT
-from typer.testing import CliRunner
+from conftest import latest_rows, run_smoke_through
 
 pytest.importorskip("submitit")
 
-from seqbench.cli import app  # noqa: E402
 from seqbench.experiment import load_experiment  # noqa: E402
 from seqbench.run.sweep import plan_grid  # noqa: E402
 
-SMOKE = Path(ROOT) / "configs" / "smoke.yaml"
-
 
 def test_smoke_through_submitit_local_lands_in_the_run_folder(tmp_path):
-    raw = yaml.safe_load(SMOKE.read_text())
     # five array tasks (one per model) at once on this machine: one thread each keeps the run bounded
-    raw.update(slurm={"cluster": "local", "array_by": "model"}, threads=1)
-    raw["measure"]["remeasure"] = 0  # the array and the gathering are the point here
-    config = tmp_path / "smoke-slurm.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    out = tmp_path / "runs"
-    result = CliRunner().invoke(app, ["run", str(config), "--out", str(out), "--executor", "slurm"])
+    config, run, result = run_smoke_through("slurm", tmp_path, slurm={"cluster": "local", "array_by": "model"},
+                                            threads=1)
     assert result.exit_code == 0, result.output
-    (run,) = [p for p in out.iterdir() if p.is_dir()]
-    lines = [json.loads(line) for line in (run / "points.jsonl").read_text().splitlines()]
-    latest = {(r["model"], r["workload"], r["batch"], r["seq_len"]): r for r in lines}  # re-measures come later
+    latest = latest_rows(run)
     assert sorted(latest) == sorted(plan_grid(load_experiment(config)))
     rows = list(latest.values())
     assert {r["status"] for r in rows} == {"ok"}, [(r["model"], r["status"], r["error"]) for r in rows]
