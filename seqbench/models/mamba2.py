@@ -26,7 +26,17 @@ from torch import Tensor, nn
 
 from seqbench.ops import REF_LABELS, get
 from seqbench.ops.conv import fill_conv_state
+from seqbench.ops.norm import gated_rms_norm
 from seqbench.ops.ssd import block_len, discretize_dt
+
+
+# Positions per piece of a long inference prefill on the reference kernels: a multiple of the reference SSD's
+# blocks and groups (ops/ssd.BLOCK, MAX_BLOCKS), small enough for a piece's activations to stay in the L3 cache.
+PREFILL_PIECE = 1024
+
+
+def _tracks_grad(x: Tensor, module: nn.Module) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
 
 
 class GatedRMSNorm(nn.Module):
@@ -53,16 +63,7 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, y: Tensor, z: Tensor | None = None) -> Tensor:
-        y32 = y.float()
-        if z is not None and not self.norm_before_gate:
-            y32 = y32 * F.silu(z.float())
-        grouped = y32.unflatten(-1, (-1, self.group_size))  # (..., groups, group_size)
-        mean_sq = torch.linalg.vector_norm(grouped, dim=-1, keepdim=True).square() / self.group_size  # no x² copy
-        grouped = grouped * torch.rsqrt(mean_sq + self.eps)
-        out = grouped.flatten(-2) * self.weight.float()  # (..., dim)
-        if z is not None and self.norm_before_gate:
-            out = out * F.silu(z.float())
-        return out.to(y.dtype)
+        return gated_rms_norm(y, z, self.weight, self.eps, self.group_size, self.norm_before_gate)
 
 
 class Mamba2(nn.Module):
@@ -195,9 +196,33 @@ class Mamba2(nn.Module):
     # --- the mixer contract ---------------------------------------------------------------------
     def forward(self, x: Tensor, cache: dict[str, Tensor] | None = None, start: int = 0) -> Tensor:
         """x (b, l, d_model) at positions start..start+l-1 -> (b, l, d_model); with a cache, leaves the state."""
-        b, l, _ = x.shape
         if start > 0 and cache is None:
             raise ValueError("a prefill that starts after position 0 needs the cache of the earlier positions")
+        if x.shape[1] > PREFILL_PIECE and self._ssd_block is None and not _tracks_grad(x, self):
+            return self._forward_in_pieces(x, cache, start)
+        return self._forward(x, cache, start)
+
+    def _forward_in_pieces(self, x: Tensor, cache: dict[str, Tensor] | None, start: int) -> Tensor:
+        """An inference prefill on the reference kernels, PREFILL_PIECE positions at a time, each continuing
+        the float32 state of the one before: every intermediate is piece-sized and stays in cache. The pieces
+        are whole reference SSD blocks and groups, so the result is the one-call result."""
+        b, l, _ = x.shape
+        work = self.allocate_cache(b, 0, torch.float32, x.device)  # float32: no rounding between pieces
+        if start > 0:
+            for name, t in work.items():
+                t.copy_(cache[name][:b])
+        out = x.new_empty(b, l, self.d_model)  # (b, l, d_model)
+        for s in range(0, l, PREFILL_PIECE):
+            e = min(l, s + PREFILL_PIECE)
+            out[:, s:e] = self._forward(x[:, s:e], work, start + s)
+        if cache is not None:
+            for name, t in work.items():
+                cache[name][:b].copy_(t)
+        self._continued = start > 0
+        return out
+
+    def _forward(self, x: Tensor, cache: dict[str, Tensor] | None, start: int) -> Tensor:
+        b, l, _ = x.shape
         z0, x0, z, xBC, dt = self._split(self.in_proj(x))  # xBC (b, l, conv_dim), dt (b, l, h)
         xBC = xBC.transpose(1, 2)  # (b, conv_dim, l)
         conv_state = ssm_state = None

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from seqbench.ops.blockwise import channel_dot
+
 
 def causal_conv1d(
     x: Tensor,
@@ -38,23 +40,75 @@ def _time_major_conv(
     x: Tensor, weight: Tensor, bias: Tensor | None, initial_state: Tensor | None, activation: str | None
 ) -> Tensor:
     """causal_conv1d for x (b, d, l) laid out as (b, l, d): w shifted multiply-adds over contiguous channels,
-    returning y (b, d, l) in the same layout. (F.conv1d would transpose x in and y out, ~3x slower here.)"""
-    b, d, l = x.shape
+    returning y (b, d, l) in the same layout. (F.conv1d would transpose x in and y out, ~3x slower here.)
+
+    No padded copy of x is made, and under autograd the backward is written out (``_TimeMajorConv``): autograd
+    through shifted slices would build a zero-filled gradient of x's size per tap."""
     w = weight.shape[1]
-    xp = x.new_empty(b, w - 1 + l, d)  # (b, w-1+l, d): the w-1 inputs before position 0, then x
-    if initial_state is None:
-        xp[:, : w - 1] = 0
-    else:
-        xp[:, : w - 1] = initial_state[..., initial_state.shape[-1] - (w - 1) :].transpose(1, 2)
-    xp[:, w - 1 :] = x.transpose(1, 2)
+    x_t = x.transpose(1, 2)  # (b, l, d)
     taps = weight.t().to(x.dtype)  # (w, d): taps[k] multiplies the input w-1-k steps back
-    y = xp[:, w - 1 :] * taps[w - 1]  # (b, l, d)
-    for k in range(w - 1):
-        y.addcmul_(xp[:, k : k + l], taps[k])
-    if bias is not None:
-        y += bias.to(x.dtype)
-    y = F.silu(y) if activation in ("silu", "swish") else y
+    b_ = None if bias is None else bias.to(x.dtype)
+    prefix = None
+    if initial_state is not None and w > 1:
+        prefix = initial_state[..., initial_state.shape[-1] - (w - 1) :].transpose(1, 2).to(x.dtype)  # (b, w-1, d)
+    silu = activation in ("silu", "swish")
+    tracked = (x, weight, bias, prefix)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tracked):
+        y = _TimeMajorConv.apply(x_t, taps, b_, prefix, silu)
+    else:
+        y = _shifted_sum(x_t, taps, b_, prefix)
+        if silu:
+            F.silu(y, inplace=True)  # nothing keeps the pre-activation: no second tensor of x's size
     return y.transpose(1, 2)
+
+
+def _shifted_sum(x: Tensor, taps: Tensor, bias: Tensor | None, prefix: Tensor | None) -> Tensor:
+    """u[t] = bias + sum_k taps[k] x[t - (w-1-k)] for x (b, l, d), taps (w, d); x before 0 from prefix
+    (b, w-1, d) or zero. Returns u (b, l, d), a new tensor."""
+    w, l = taps.shape[0], x.shape[1]
+    u = x * taps[w - 1]  # (b, l, d)
+    for k in range(w - 1):
+        s = w - 1 - k  # steps back
+        if s < l:
+            u[:, s:].addcmul_(x[:, : l - s], taps[k])
+        if prefix is not None:  # u[t] for t < s reads prefix[t + k]
+            u[:, : min(s, l)].addcmul_(prefix[:, k : k + min(s, l)], taps[k])
+    if bias is not None:
+        u += bias
+    return u
+
+
+class _TimeMajorConv(torch.autograd.Function):
+    """_shifted_sum (then SiLU) with its gradient: every tap's term is a shifted multiply-add again."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, taps: Tensor, bias: Tensor | None, prefix: Tensor | None, silu: bool) -> Tensor:
+        u = _shifted_sum(x, taps, bias, prefix)  # (b, l, d) pre-activation
+        ctx.save_for_backward(x, taps, prefix, u if silu else None)
+        ctx.has_bias, ctx.silu = bias is not None, silu
+        return F.silu(u) if silu else u
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        x, taps, prefix, u = ctx.saved_tensors
+        w, l = taps.shape[0], x.shape[1]
+        g = torch.ops.aten.silu_backward(grad_y, u) if ctx.silu else grad_y.contiguous()  # dL/du (b, l, d)
+        grad_x = g * taps[w - 1]
+        for k in range(w - 1):
+            s = w - 1 - k
+            if s < l:
+                grad_x[:, : l - s].addcmul_(g[:, s:], taps[k])
+        # dL/dtaps[k] = sum over b and t of g[t] x[t - (w-1-k)]
+        grad_taps = torch.stack([channel_dot(g[:, w - 1 - k :], x[:, : max(0, l - (w - 1 - k))]) for k in range(w)])
+        grad_prefix = None
+        if prefix is not None:
+            grad_prefix = torch.zeros_like(prefix)
+            for k in range(w - 1):
+                m = min(w - 1 - k, l)  # positions t < m read prefix[t + k]
+                grad_prefix[:, k : k + m].addcmul_(g[:, :m], taps[k])
+                grad_taps[k] += (g[:, :m] * prefix[:, k : k + m]).sum((0, 1))
+        grad_bias = g.sum((0, 1)) if ctx.has_bias else None
+        return grad_x, grad_taps, grad_bias, grad_prefix, None
 
 
 def fill_conv_state(conv_state: Tensor, x: Tensor) -> None:

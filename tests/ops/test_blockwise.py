@@ -1,0 +1,20 @@
+"""channel_dot: the blockwise reduction equals the plain one across block boundaries."""
+
+import pytest
+import torch
+
+from seqbench.ops import blockwise
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (5, 7, 4), (2, 30, 6), (9, 2, 5), (3, 0, 4)])
+def test_channel_dot_equals_the_sum_of_products(shape, monkeypatch):
+    monkeypatch.setattr(blockwise, "BLOCK_ROWS", 8)  # many blocks over batch and time
+    g = torch.Generator().manual_seed(sum(shape))
+    a, b = torch.randn(*shape, generator=g, dtype=torch.float64), torch.randn(*shape, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(blockwise.channel_dot(a, b), (a * b).sum((0, 1)))
+
+
+def test_channel_dot_reads_strided_views():
+    x = torch.randn(4, 20, 6, dtype=torch.float64)
+    a, b = x[:, 3:], x.transpose(0, 1).contiguous().transpose(0, 1)[:, :17]
+    torch.testing.assert_close(blockwise.channel_dot(a, b), (a * b).sum((0, 1)))
