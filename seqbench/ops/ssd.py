@@ -117,29 +117,33 @@ def _pass_states(
     """The recurrence at block granularity: the state entering each block and the state after the last.
 
     local (b, c, h, p n): what each block leaves from a zero start, divided by ``scale``; last (b, c, h)
-    float64 block log-decays; state (b, h, p, n) or None; scale (b, c, h) or None. With P the exclusive prefix
-    sum of the block totals, start[k] = exp(P_k) state + sum_{j<k} exp(P_k - P_{j+1}) scale[j] local[j].
-    Returns entering[k] = scale[k] start[k] (b, c, h, p n) and the final state start[c] (b, h, p n). The
-    scales act on the small (k, j) weights, never on a state-sized tensor.
+    float64 block log-decays; state (b, h, p, n) or None; scale (b, c, h) or None (ones). With start[0] =
+    state (or 0) and start[k+1] = exp(last_k) start[k] + scale[k] local[k], returns entering[k] = scale[k]
+    start[k] (b, c, h, p n) and the final state start[c] (b, h, p n).
+
+    A step per block, in local's layout: a group has at most MAX_BLOCKS blocks, and a (k, j) weight matrix
+    over them would need a transposed copy of the states in and out, and more passes over them.
     """
     b, c, h, pn = local.shape
-    prefix = F.pad(torch.cumsum(last, dim=1), (0, 0, 1, 0)).transpose(1, 2)  # (b, h, c+1) float64
-    earlier = torch.ones(c + 1, c, dtype=torch.bool, device=local.device).tril(-1)  # (k, j): j < k
-    pair = (prefix.unsqueeze(-1) - prefix[..., 1:].unsqueeze(-2)).masked_fill(~earlier, 0.0)  # (b, h, k, j)
-    weights, from_state = _exp(pair).masked_fill(~earlier, 0.0), _exp(prefix)  # (b, h, c+1, c), (b, h, c+1)
-    if scale is not None:
-        s = scale.transpose(1, 2)  # (b, h, c)
-        weights = weights * s.unsqueeze(-2)
-        rows = F.pad(s, (0, 1), value=1.0)  # (b, h, c+1): the final state is not scaled
-        weights, from_state = weights * rows.unsqueeze(-1), from_state * rows
-    src = local.transpose(1, 2)  # (b, h, c, p n)
-    entering = torch.matmul(weights[:, :, :c], src)  # (b, h, c, p n)
-    final = torch.matmul(weights[:, :, c:], src).squeeze(2)  # (b, h, p n)
-    if state is not None:
-        flat = state.reshape(b, h, 1, pn)
-        entering = entering + from_state[:, :, :c].unsqueeze(-1) * flat
-        final = final + from_state[:, :, c:] * flat.squeeze(2)
-    return entering.transpose(1, 2), final
+    decay = _exp(last).unsqueeze(-1)  # (b, c, h, 1)
+    sc = None if scale is None else scale.unsqueeze(-1)  # (b, c, h, 1)
+    cur = local.new_zeros(b, h, pn) if state is None else state.reshape(b, h, pn).to(local.dtype)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (local, state, scale))):
+        entering = torch.empty_like(local)  # (b, c, h, p n)
+        cur = cur.clone()
+        for k in range(c):
+            if sc is None:
+                entering[:, k] = cur
+                cur.mul_(decay[:, k]).add_(local[:, k])
+            else:
+                torch.mul(cur, sc[:, k], out=entering[:, k])
+                cur.mul_(decay[:, k]).addcmul_(local[:, k], sc[:, k])
+        return entering, cur
+    steps = []
+    for k in range(c):
+        steps.append(cur if sc is None else cur * sc[:, k])
+        cur = cur * decay[:, k] + (local[:, k] if sc is None else local[:, k] * sc[:, k])
+    return torch.stack(steps, dim=1), cur
 
 
 def _factored_group(
