@@ -147,12 +147,14 @@ def _pass_states(
 
 
 def _factored_group(
-    x: Tensor, dt: Tensor, cum: Tensor, scores: Tensor, Bb: Tensor, Cb: Tensor, state: Tensor | None, need_state: bool
+    x: Tensor, dt: Tensor, cum: Tensor, scores: Tensor, Bb: Tensor, Cb: Tensor, state: Tensor | None, need_state: bool,
+    out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """The blocks of one group with the mask split into row and column scales (see the module docstring).
 
     x (b, c, q, h, p), dt (b, c, q, h), cum (b, c, q, h) float64, scores (b, c, g, q, q) masked, Bb/Cb
-    (b, c, g, q, n), state (b, h, p, n) or None. Returns y (b, c, q, h, p) and the final state (b, h, p n).
+    (b, c, g, q, n), state (b, h, p, n) or None. Returns y (b, c, q, h, p) and the final state (b, h, p n);
+    y is written into ``out`` (b, c, q, h, p) when given (no autograd), with no layout copy on the way.
     """
     b, c, q, h, p = x.shape
     g, n = Bb.shape[2], Bb.shape[-1]
@@ -174,12 +176,17 @@ def _factored_group(
     if entering is not None:
         e = entering.reshape(b * c * g, r * p, n)
         y = torch.baddbmm(y.view(b * c * g, q, r * p), Cb.reshape(b * c * g, q, n), e.transpose(1, 2))
-    y = y.view(b, c, g, q, r * p).transpose(2, 3).reshape(b, c, q, h, p)
-    return y * rows.unsqueeze(-1), final
+    y = y.view(b, c, g, q, r, p).transpose(2, 3)  # (b, c, q, g, r, p), a view
+    rows = rows.view(b, c, q, g, r, 1)
+    if out is None:
+        return (y * rows).reshape(b, c, q, h, p), final
+    torch.mul(y, rows, out=out.view(b, c, q, g, r, p))  # the (g, q) transpose, the row scale and the write
+    return out, final
 
 
 def _masked_group(
-    x: Tensor, dt: Tensor, cum: Tensor, scores: Tensor, Bb: Tensor, Cb: Tensor, state: Tensor | None, need_state: bool
+    x: Tensor, dt: Tensor, cum: Tensor, scores: Tensor, Bb: Tensor, Cb: Tensor, state: Tensor | None, need_state: bool,
+    out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """As ``_factored_group`` with the explicit (h, q, q) decay mask: exact for any block log-decay."""
     b, c, q, h, p = x.shape
@@ -200,17 +207,18 @@ def _masked_group(
     if entering is not None:
         y_off = torch.einsum("bcgin,bcgxn->bcigx", Cb, entering.reshape(b, -1, g, r * p, n)).reshape(b, c, q, h, p)
         y = y + y_off * _exp(cum).unsqueeze(-1)
-    return y, final
+    return (y, final) if out is None else (out.copy_(y), final)
 
 
 def _block_group(
-    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, state: Tensor | None, q: int, need_state: bool
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, state: Tensor | None, q: int, need_state: bool,
+    out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """SSD over the consecutive blocks of q positions of one group, entering with ``state`` (None: zeros).
 
     x (b, t, h, p), dt (b, t, h) discretised Δ, A (h,), B/C (b, t, g, n), all float32, t a multiple of q;
-    state (b, h, p, n). Returns y (b, t, h, p) without the D skip, and the state after the group (b, h, p, n)
-    when ``need_state`` (else None).
+    state (b, h, p, n). Returns y (b, t, h, p) without the D skip (written into ``out`` (b, t, h, p) float32
+    when given), and the state after the group (b, h, p, n) when ``need_state`` (else None).
     """
     b, t, h, p = x.shape
     g, n = B.shape[-2:]
@@ -223,7 +231,8 @@ def _block_group(
     scores = torch.matmul(Cb, Bb.transpose(-1, -2)).masked_fill_(upper, 0.0)  # (b, c, g, i, j)
     factored = -cum[:, :, -1].min().item() <= FACTOR_RANGE
     group = _factored_group if factored else _masked_group
-    y, final = group(x.view(b, c, q, h, p), dt, cum, scores, Bb, Cb, state, need_state)
+    dest = None if out is None else out.view(b, c, q, h, p)
+    y, final = group(x.view(b, c, q, h, p), dt, cum, scores, Bb, Cb, state, need_state, dest)
     return y.reshape(b, t, h, p), (final.reshape(b, h, p, n) if need_state else None)
 
 
@@ -276,6 +285,13 @@ def ssd(
         x_g = x_g.float()
         dt_g = discretize_dt(dt_g, dt_bias, dt_softplus, dt_limit)  # (b, t, h)
         q_g = min(q, e - s)  # the last group may be one shorter block
+        if y is not None and y.dtype == torch.float32:  # in place, straight into the output
+            y_g, state = _block_group(x_g, dt_g, A32, B_g.float(), C_g.float(), state, q_g, need_state, y[:, s:e])
+            if D32 is not None:
+                y_g.addcmul_(x_g, D32)
+            if z_g is not None:
+                y_g.mul_(F.silu(z_g.float()))
+            continue
         y_g, state = _block_group(x_g, dt_g, A32, B_g.float(), C_g.float(), state, q_g, need_state)
         if D32 is not None:
             y_g = torch.addcmul(y_g, x_g, D32)

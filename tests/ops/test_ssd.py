@@ -278,9 +278,9 @@ def test_blocks_cover_exactly_l_positions(monkeypatch, l):
     seen = []
     real = ssd_mod._block_group
 
-    def spy(x, dt, A, B, C, state, q, need_state):
+    def spy(x, dt, A, B, C, state, q, need_state, out=None):
         seen.append((x.shape[1], q))
-        return real(x, dt, A, B, C, state, q, need_state)
+        return real(x, dt, A, B, C, state, q, need_state, out)
 
     monkeypatch.setattr(ssd_mod, "_block_group", spy)
     monkeypatch.setattr(ssd_mod, "GROUP_ELEMS", 1)  # one block per group, to see every block
