@@ -139,10 +139,13 @@ def _pass_states(
                 torch.mul(cur, sc[:, k], out=entering[:, k])
                 cur.mul_(decay[:, k]).addcmul_(local[:, k], sc[:, k])
         return entering, cur
+    # unbind, not local[:, k]: the backward of an index would zero-fill a gradient of local's size per block
+    locals_, decays = local.unbind(1), decay.unbind(1)
+    scales = [None] * c if sc is None else sc.unbind(1)
     steps = []
-    for k in range(c):
-        steps.append(cur if sc is None else cur * sc[:, k])
-        cur = cur * decay[:, k] + (local[:, k] if sc is None else local[:, k] * sc[:, k])
+    for loc, dec, scl in zip(locals_, decays, scales, strict=True):
+        steps.append(cur if scl is None else cur * scl)
+        cur = cur * dec + (loc if scl is None else loc * scl)
     return torch.stack(steps, dim=1), cur
 
 
