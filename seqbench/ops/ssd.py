@@ -124,21 +124,23 @@ def _pass_states(
     A step per block, in local's layout: a group has at most MAX_BLOCKS blocks, and a (k, j) weight matrix
     over them would need a transposed copy of the states in and out, and more passes over them.
     """
-    b, c, h, pn = local.shape
+    b, c, h, pn = local.shape  # without autograd, overwritten by the entering states
     decay = _exp(last).unsqueeze(-1)  # (b, c, h, 1)
     sc = None if scale is None else scale.unsqueeze(-1)  # (b, c, h, 1)
     cur = local.new_zeros(b, h, pn) if state is None else state.reshape(b, h, pn).to(local.dtype)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (local, state, scale))):
-        entering = torch.empty_like(local)  # (b, c, h, p n)
-        cur = cur.clone()
+        # In place: block k's entering state replaces its local one once that is added in, so nothing of
+        # local's size is allocated (fresh memory costs page faults) and every step stays in cache.
+        cur, held = cur.clone(), torch.empty_like(cur)  # (b, h, p n) each
         for k in range(c):
             if sc is None:
-                entering[:, k] = cur
+                held.copy_(cur)
                 cur.mul_(decay[:, k]).add_(local[:, k])
             else:
-                torch.mul(cur, sc[:, k], out=entering[:, k])
+                torch.mul(cur, sc[:, k], out=held)
                 cur.mul_(decay[:, k]).addcmul_(local[:, k], sc[:, k])
-        return entering, cur
+            local[:, k] = held
+        return local, cur
     # unbind, not local[:, k]: the backward of an index would zero-fill a gradient of local's size per block
     locals_, decays = local.unbind(1), decay.unbind(1)
     scales = [None] * c if sc is None else sc.unbind(1)
