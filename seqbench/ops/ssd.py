@@ -112,26 +112,26 @@ def _masked_decay(cum: Tensor) -> Tensor:
 
 
 def _pass_states(
-    local: Tensor, last: Tensor, state: Tensor | None, scale: Tensor | None = None
+    local: Tensor, decay: Tensor, state: Tensor | None, scale: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """The recurrence at block granularity: the state entering each block and the state after the last.
 
-    local (b, c, h, p n): what each block leaves from a zero start, divided by ``scale``; last (b, c, h)
-    float64 block log-decays; state (b, h, p, n) or None; scale (b, c, h) or None (ones). With start[0] =
-    state (or 0) and start[k+1] = exp(last_k) start[k] + scale[k] local[k], returns entering[k] = scale[k]
-    start[k] (b, c, h, p n) and the final state start[c] (b, h, p n).
+    local (b, c, g, n, r, p): what each block leaves from a zero start, divided by ``scale``; decay
+    (b, c, g, 1, r, 1): each block's total decay exp(last); state (b, g, n, r, p) or None; scale like decay,
+    or None (ones). With start[0] = state (or 0) and start[k+1] = decay[k] start[k] + scale[k] local[k],
+    returns entering[k] = scale[k] start[k] (b, c, g, n, r, p) and the final state start[c].
 
-    A step per block, in local's layout: a group has at most MAX_BLOCKS blocks, and a (k, j) weight matrix
-    over them would need a transposed copy of the states in and out, and more passes over them.
+    States are n-major, (n, r p) per group, so that the readout C (q, n) @ state (n, r p) and its gradient
+    need no transposed copy. A step per block, in local's layout: a group has at most MAX_BLOCKS blocks.
     """
-    b, c, h, pn = local.shape  # without autograd, overwritten by the entering states
-    decay = _exp(last).unsqueeze(-1)  # (b, c, h, 1)
-    sc = None if scale is None else scale.unsqueeze(-1)  # (b, c, h, 1)
-    cur = local.new_zeros(b, h, pn) if state is None else state.reshape(b, h, pn).to(local.dtype)
+    c = local.shape[1]  # without autograd, local is overwritten by the entering states
+    sc = scale
+    cur = local.new_zeros(local[:, 0].shape) if state is None else state.to(local.dtype)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (local, state, scale))):
         # In place: block k's entering state replaces its local one once that is added in, so nothing of
         # local's size is allocated (fresh memory costs page faults) and every step stays in cache.
-        cur, held = cur.clone(), torch.empty_like(cur)  # (b, h, p n) each
+        cur = cur.clone(memory_format=torch.contiguous_format)
+        held = torch.empty_like(cur)  # (b, g, n, r, p) each
         for k in range(c):
             if sc is None:
                 held.copy_(cur)
@@ -151,6 +151,20 @@ def _pass_states(
     return torch.stack(steps, dim=1), cur
 
 
+def _n_major(state: Tensor | None, g: int) -> Tensor | None:
+    """(b, h, p, n) -> (b, g, n, r, p), the layout _pass_states keeps states in."""
+    if state is None:
+        return None
+    b, h, p, n = state.shape
+    return state.reshape(b, g, h // g, p, n).permute(0, 1, 4, 2, 3).contiguous()
+
+
+def _head_major(state: Tensor) -> Tensor:
+    """(b, g, n, r, p) -> (b, h, p, n)."""
+    b, g, n, r, p = state.shape
+    return state.permute(0, 1, 3, 4, 2).reshape(b, g * r, p, n)
+
+
 def _factored_group(
     x: Tensor, dt: Tensor, cum: Tensor, scores: Tensor, Bb: Tensor, Cb: Tensor, state: Tensor | None, need_state: bool,
     out: Tensor | None = None,
@@ -158,7 +172,7 @@ def _factored_group(
     """The blocks of one group with the mask split into row and column scales (see the module docstring).
 
     x (b, c, q, h, p), dt (b, c, q, h), cum (b, c, q, h) float64, scores (b, c, g, q, q) masked, Bb/Cb
-    (b, c, g, q, n), state (b, h, p, n) or None. Returns y (b, c, q, h, p) and the final state (b, h, p n);
+    (b, c, g, q, n), state (b, h, p, n) or None. Returns y (b, c, q, h, p) and the final state (b, g, n, r, p);
     y is written into ``out`` (b, c, q, h, p) when given (no autograd), with no layout copy on the way.
     """
     b, c, q, h, p = x.shape
@@ -171,16 +185,18 @@ def _factored_group(
     # exp(last - cum_j) = exp(mid) cols_j / Δ_j and exp(cum_i) = exp(mid) rows_i: a block's state from a zero
     # start is exp(mid) xs^T B, and the state entering it reaches position i as rows_i exp(mid) C_i state.
     half = torch.exp(mid.squeeze(2)).float()  # (b, c, h): exp(mid), in [e^-60, 1]
+    half = half.view(b, c, g, 1, r, 1)
     entering = final = None
     if c > 1 or need_state:
-        local = torch.matmul(xs.transpose(-1, -2), Bb).view(b, c, h, p * n)  # (b, c, h, p n), / exp(mid)
-        entering, final = _pass_states(local, cum[:, :, -1], state, half)  # entering: times exp(mid)
+        local = torch.matmul(Bb.transpose(-1, -2), xs).view(b, c, g, n, r, p)  # B^T xs, / exp(mid)
+        decay = _exp(cum[:, :, -1]).view(b, c, g, 1, r, 1)
+        entering, final = _pass_states(local, decay, _n_major(state, g), half)  # entering: times exp(mid)
     elif state is not None:
-        entering = state.reshape(b, 1, h, p * n) * half.unsqueeze(-1)
+        entering = _n_major(state, g).unsqueeze(1) * half  # (b, 1, g, n, r, p)
     y = torch.matmul(scores, xs)  # (b, c, g, q, r p)
     if entering is not None:
-        e = entering.reshape(b * c * g, r * p, n)
-        y = torch.baddbmm(y.view(b * c * g, q, r * p), Cb.reshape(b * c * g, q, n), e.transpose(1, 2))
+        e = entering.reshape(b * c * g, n, r * p)
+        y = torch.baddbmm(y.view(b * c * g, q, r * p), Cb.reshape(b * c * g, q, n), e)
     y = y.view(b, c, g, q, r, p).transpose(2, 3)  # (b, c, q, g, r, p), a view
     rows = rows.view(b, c, q, g, r, 1)
     if out is None:
@@ -205,12 +221,13 @@ def _masked_group(
     if c > 1 or need_state:
         to_end = _exp(cum[:, :, -1:] - cum)  # (b, c, q, h)
         xe = (xdt * to_end.unsqueeze(-1)).view(b, c, q, g, r * p)
-        local = torch.einsum("bcjgx,bcgjn->bcgxn", xe, Bb).reshape(b, c, h, p * n)  # (b, c, h, p n)
-        entering, final = _pass_states(local, cum[:, :, -1], state)
+        local = torch.einsum("bcjgx,bcgjn->bcgnx", xe, Bb).reshape(b, c, g, n, r, p)  # (b, c, g, n, r, p)
+        decay = _exp(cum[:, :, -1]).view(b, c, g, 1, r, 1)
+        entering, final = _pass_states(local, decay, _n_major(state, g))
     elif state is not None:
-        entering = state.reshape(b, 1, h, p * n)
+        entering = _n_major(state, g).unsqueeze(1)  # (b, 1, g, n, r, p)
     if entering is not None:
-        y_off = torch.einsum("bcgin,bcgxn->bcigx", Cb, entering.reshape(b, -1, g, r * p, n)).reshape(b, c, q, h, p)
+        y_off = torch.einsum("bcgin,bcgnx->bcigx", Cb, entering.reshape(b, -1, g, n, r * p)).reshape(b, c, q, h, p)
         y = y + y_off * _exp(cum).unsqueeze(-1)
     return (y, final) if out is None else (out.copy_(y), final)
 
@@ -238,7 +255,7 @@ def _block_group(
     group = _factored_group if factored else _masked_group
     dest = None if out is None else out.view(b, c, q, h, p)
     y, final = group(x.view(b, c, q, h, p), dt, cum, scores, Bb, Cb, state, need_state, dest)
-    return y.reshape(b, t, h, p), (final.reshape(b, h, p, n) if need_state else None)
+    return y.reshape(b, t, h, p), (_head_major(final) if need_state else None)
 
 
 def ssd(
