@@ -125,27 +125,26 @@ def _pass_states(
     need no transposed copy. A step per block, in local's layout: a group has at most MAX_BLOCKS blocks.
     """
     c = local.shape[1]  # without autograd, local is overwritten by the entering states
-    sc = scale
     cur = local.new_zeros(local[:, 0].shape) if state is None else state.to(local.dtype)
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (local, state, scale))):
+    tracked = (local, decay, state, scale)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tracked)):
         # In place: block k's entering state replaces its local one once that is added in, so nothing of
         # local's size is allocated (fresh memory costs page faults) and every step stays in cache.
         cur = cur.clone(memory_format=torch.contiguous_format)
         held = torch.empty_like(cur)  # (b, g, n, r, p) each
         for k in range(c):
-            if sc is None:
+            if scale is None:
                 held.copy_(cur)
                 cur.mul_(decay[:, k]).add_(local[:, k])
             else:
-                torch.mul(cur, sc[:, k], out=held)
-                cur.mul_(decay[:, k]).addcmul_(local[:, k], sc[:, k])
+                torch.mul(cur, scale[:, k], out=held)
+                cur.mul_(decay[:, k]).addcmul_(local[:, k], scale[:, k])
             local[:, k] = held
         return local, cur
     # unbind, not local[:, k]: the backward of an index would zero-fill a gradient of local's size per block
-    locals_, decays = local.unbind(1), decay.unbind(1)
-    scales = [None] * c if sc is None else sc.unbind(1)
     steps = []
-    for loc, dec, scl in zip(locals_, decays, scales, strict=True):
+    scales = [None] * c if scale is None else scale.unbind(1)
+    for loc, dec, scl in zip(local.unbind(1), decay.unbind(1), scales, strict=True):
         steps.append(cur if scl is None else cur * scl)
         cur = cur * dec + (loc if scl is None else loc * scl)
     return torch.stack(steps, dim=1), cur

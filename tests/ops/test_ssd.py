@@ -338,3 +338,32 @@ def test_a_block_too_decayed_to_split_takes_the_masked_path(monkeypatch):
     y_ref, final_ref = _loop(t)
     torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(final.double(), final_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("with_scale", [False, True])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_state_passing_gradients_and_in_place_path(with_scale, with_state):
+    """The block-to-block recurrence: its written-out adjoint against finite differences (float64), and the
+    in-place path taken without autograd against the autograd one."""
+    g = torch.Generator().manual_seed(2 * with_scale + with_state)
+    b, c, groups, n, r, p = 2, 4, 2, 3, 2, 2
+
+    def rand(*shape, low=None):
+        t = torch.rand(*shape, generator=g, dtype=torch.float64)
+        return (t + low if low is not None else t * 2 - 1).requires_grad_()
+
+    local, decay = rand(b, c, groups, n, r, p), rand(b, c, groups, 1, r, 1, low=0.1)
+    state = rand(b, groups, n, r, p) if with_state else None
+    scale = rand(b, c, groups, 1, r, 1, low=0.5) if with_scale else None
+    inputs = [t for t in (local, decay, state, scale) if t is not None]
+
+    def passed(local, decay, *rest):
+        rest = list(rest)
+        st = rest.pop(0) if with_state else None
+        return ssd_mod._pass_states(local, decay, st, rest.pop(0) if with_scale else None)
+
+    assert torch.autograd.gradcheck(passed, inputs)
+    with torch.no_grad():
+        in_place = ssd_mod._pass_states(local.clone(), decay, state, scale)
+    for a, b_ in zip(in_place, passed(*inputs), strict=True):
+        torch.testing.assert_close(a, b_.detach())
