@@ -66,15 +66,13 @@ def _shifted_sum(x: Tensor, taps: Tensor, bias: Tensor | None, prefix: Tensor | 
     """u[t] = bias + sum_k taps[k] x[t - (w-1-k)] for x (b, l, d), taps (w, d); x before 0 from prefix
     (b, w-1, d) or zero. Returns u (b, l, d), a new tensor."""
     w, l = taps.shape[0], x.shape[1]
-    u = x * taps[w - 1]  # (b, l, d)
+    u = x * taps[w - 1] if bias is None else torch.addcmul(bias, x, taps[w - 1])  # (b, l, d)
     for k in range(w - 1):
         s = w - 1 - k  # steps back
         if s < l:
             u[:, s:].addcmul_(x[:, : l - s], taps[k])
         if prefix is not None:  # u[t] for t < s reads prefix[t + k]
             u[:, : min(s, l)].addcmul_(prefix[:, k : k + min(s, l)], taps[k])
-    if bias is not None:
-        u += bias
     return u
 
 
