@@ -257,6 +257,16 @@ def _block_group(
     return y.reshape(b, t, h, p), (_head_major(final) if need_state else None)
 
 
+def _all_factored(dtA: Tensor, q: int) -> bool:
+    """Whether every block of q positions of dtA = Δ A (b, l, h) decays by at most e^FACTOR_RANGE in total."""
+    b, l, h = dtA.shape
+    whole = l - l % q
+    totals = [dtA[:, :whole].double().reshape(b, whole // q, q, h).sum(2)] if whole else []
+    if whole < l:
+        totals.append(dtA[:, whole:].double().sum(1, keepdim=True))
+    return bool(-torch.cat(totals, dim=1).min() <= FACTOR_RANGE)
+
+
 def ssd(
     x: Tensor,
     dt: Tensor,
@@ -296,6 +306,19 @@ def ssd(
     # Without autograd the groups are written into one preallocated output (no extra copy for a cat).
     tracked = (x, dt, A, B, C, D, z, dt_bias, initial_states)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tracked)
+    if grad:
+        dt32 = discretize_dt(dt, dt_bias, dt_softplus, dt_limit)  # (b, l, h)
+        # States to pass (more than one block, or a state in or out) and no extreme Δ: the written-out backward
+        # of ops/ssd_grad.py. A single block without states has none of the costs it saves.
+        stateful = l > q or state is not None or return_final_states
+        if stateful and _all_factored(dt32 * A32, q):
+            from seqbench.ops.ssd_grad import factored_ssd  # (it builds on this module)
+
+            x32 = x.float()
+            y, state = factored_ssd(x32, dt32, A32, B.float(), C.float(), state, q, groups)
+            y = y if D32 is None else torch.addcmul(y, x32, D32)
+            y = (y if z is None else y * F.silu(z.float())).to(x.dtype)
+            return (y, state) if return_final_states else y
     y = None if grad else torch.empty(b, l, h, p, dtype=x.dtype, device=x.device)  # (b, l, h, p)
     pieces = []
     sizes = [e - s for s, e in groups]
