@@ -29,7 +29,6 @@ from seqbench.ops.conv import fill_conv_state
 from seqbench.ops.norm import gated_rms_norm
 from seqbench.ops.ssd import block_len, discretize_dt
 
-
 # Positions per piece of a long inference prefill on the reference kernels: a multiple of the reference SSD's
 # blocks and groups (ops/ssd.BLOCK, MAX_BLOCKS), small enough for a piece's activations to stay in the L3 cache.
 PREFILL_PIECE = 1024

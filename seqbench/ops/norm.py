@@ -4,9 +4,9 @@
     norm_before_gate=True:   out = n w silu(z),   n = s r,  s = y
     r = (mean over each group of s^2 + eps)^(-1/2)
 
-Statistics and arithmetic in float32 (float64 for float64 input); the result in y's dtype. Autograd through these few lines would keep
-and write some ten tensors of y's size; the backward below recomputes s from y and z and writes four, which
-on a CPU is most of the layer's elementwise cost (fresh memory costs page faults, not just bandwidth).
+Statistics and arithmetic in float32 (float64 for float64 input); the result in y's dtype. Autograd through
+these few lines would keep and write some ten tensors of y's size; the backward below recomputes s from y
+and z and writes four (on a CPU, fresh memory costs page faults, not just bandwidth).
 
 With n, r and dn = dL/dn:  dL/ds = r (dn - n mean(dn n)),  dL/dw = sum over rows of dL/dout n (times silu(z)
 when the gate comes after the norm).

@@ -44,10 +44,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from seqbench.ops.ssd_grad import factored_ssd
+from seqbench.ops.ssd_states import MIN_LOG_DECAY, exp_decay, head_major, n_major, pass_states
+
 # Elements of the largest per-group intermediate (the block states, or the explicit mask). Measured on CPU:
 # past ~16 MiB per temporary, glibc serves allocations by fresh mmap and every call pays page faults.
 GROUP_ELEMS = 1 << 21
-MIN_LOG_DECAY = -80.0  # floor of log-decays fed to exp: exp(-80) ~ 2e-35, and CPU exp is slow on subnormals
 FACTOR_RANGE = 120.0  # largest total log-decay of a block for which the mask is split into row/column scales
 MAX_BLOCKS = 16  # blocks per group: passing states between them costs 2 (blocks) h p n per block
 BLOCK = 64  # positions per block of a long sequence on CPU (measured: 32 and 128 are slower at n=128, hp=512)
@@ -96,11 +98,6 @@ def discretize_dt(dt: Tensor, dt_bias: Tensor | None, dt_softplus: bool, dt_limi
     return dt
 
 
-def _exp(log_decay: Tensor) -> Tensor:
-    """exp of float64 log-decays <= 0, floored at MIN_LOG_DECAY, in float32."""
-    return log_decay.clamp(min=MIN_LOG_DECAY).float().exp()
-
-
 def _masked_decay(cum: Tensor) -> Tensor:
     """exp(cum_i - cum_j) for i >= j as float32 (..., q, q) from float64 cumulative sums (..., q); entries
     i < j are exp(0) = 1 (the caller zeroes them through the masked scores)."""
@@ -109,59 +106,6 @@ def _masked_decay(cum: Tensor) -> Tensor:
     seg = torch.empty(*cum.shape, cum.shape[-1], dtype=torch.float32, device=cum.device)  # (..., i, j)
     torch.sub(cum.unsqueeze(-1), cum.unsqueeze(-2), out=seg)  # float64 difference, rounded once to float32
     return seg.clamp_(MIN_LOG_DECAY, 0.0).exp_()
-
-
-def _pass_states(
-    local: Tensor, decay: Tensor, state: Tensor | None, scale: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """The recurrence at block granularity: the state entering each block and the state after the last.
-
-    local (b, c, g, n, r, p): what each block leaves from a zero start, divided by ``scale``; decay
-    (b, c, g, 1, r, 1): each block's total decay exp(last); state (b, g, n, r, p) or None; scale like decay,
-    or None (ones). With start[0] = state (or 0) and start[k+1] = decay[k] start[k] + scale[k] local[k],
-    returns entering[k] = scale[k] start[k] (b, c, g, n, r, p) and the final state start[c].
-
-    States are n-major, (n, r p) per group, so that the readout C (q, n) @ state (n, r p) and its gradient
-    need no transposed copy. A step per block, in local's layout: a group has at most MAX_BLOCKS blocks.
-    """
-    c = local.shape[1]  # without autograd, local is overwritten by the entering states
-    cur = local.new_zeros(local[:, 0].shape) if state is None else state.to(local.dtype)
-    tracked = (local, decay, state, scale)
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tracked)):
-        # In place: block k's entering state replaces its local one once that is added in, so nothing of
-        # local's size is allocated (fresh memory costs page faults) and every step stays in cache.
-        cur = cur.clone(memory_format=torch.contiguous_format)
-        held = torch.empty_like(cur)  # (b, g, n, r, p) each
-        for k in range(c):
-            if scale is None:
-                held.copy_(cur)
-                cur.mul_(decay[:, k]).add_(local[:, k])
-            else:
-                torch.mul(cur, scale[:, k], out=held)
-                cur.mul_(decay[:, k]).addcmul_(local[:, k], scale[:, k])
-            local[:, k] = held
-        return local, cur
-    # unbind, not local[:, k]: the backward of an index would zero-fill a gradient of local's size per block
-    steps = []
-    scales = [None] * c if scale is None else scale.unbind(1)
-    for loc, dec, scl in zip(local.unbind(1), decay.unbind(1), scales, strict=True):
-        steps.append(cur if scl is None else cur * scl)
-        cur = cur * dec + (loc if scl is None else loc * scl)
-    return torch.stack(steps, dim=1), cur
-
-
-def _n_major(state: Tensor | None, g: int) -> Tensor | None:
-    """(b, h, p, n) -> (b, g, n, r, p), the layout _pass_states keeps states in."""
-    if state is None:
-        return None
-    b, h, p, n = state.shape
-    return state.reshape(b, g, h // g, p, n).permute(0, 1, 4, 2, 3).contiguous()
-
-
-def _head_major(state: Tensor) -> Tensor:
-    """(b, g, n, r, p) -> (b, h, p, n)."""
-    b, g, n, r, p = state.shape
-    return state.permute(0, 1, 3, 4, 2).reshape(b, g * r, p, n)
 
 
 def _factored_group(
@@ -188,10 +132,10 @@ def _factored_group(
     entering = final = None
     if c > 1 or need_state:
         local = torch.matmul(Bb.transpose(-1, -2), xs).view(b, c, g, n, r, p)  # B^T xs, / exp(mid)
-        decay = _exp(cum[:, :, -1]).view(b, c, g, 1, r, 1)
-        entering, final = _pass_states(local, decay, _n_major(state, g), half)  # entering: times exp(mid)
+        decay = exp_decay(cum[:, :, -1]).view(b, c, g, 1, r, 1)
+        entering, final = pass_states(local, decay, n_major(state, g), half)  # entering: times exp(mid)
     elif state is not None:
-        entering = _n_major(state, g).unsqueeze(1) * half  # (b, 1, g, n, r, p)
+        entering = n_major(state, g).unsqueeze(1) * half  # (b, 1, g, n, r, p)
     y = torch.matmul(scores, xs)  # (b, c, g, q, r p)
     if entering is not None:
         e = entering.reshape(b * c * g, n, r * p)
@@ -218,16 +162,16 @@ def _masked_group(
     y = y.reshape(b, c, q, h, p)
     entering = final = None
     if c > 1 or need_state:
-        to_end = _exp(cum[:, :, -1:] - cum)  # (b, c, q, h)
+        to_end = exp_decay(cum[:, :, -1:] - cum)  # (b, c, q, h)
         xe = (xdt * to_end.unsqueeze(-1)).view(b, c, q, g, r * p)
         local = torch.einsum("bcjgx,bcgjn->bcgnx", xe, Bb).reshape(b, c, g, n, r, p)  # (b, c, g, n, r, p)
-        decay = _exp(cum[:, :, -1]).view(b, c, g, 1, r, 1)
-        entering, final = _pass_states(local, decay, _n_major(state, g))
+        decay = exp_decay(cum[:, :, -1]).view(b, c, g, 1, r, 1)
+        entering, final = pass_states(local, decay, n_major(state, g))
     elif state is not None:
-        entering = _n_major(state, g).unsqueeze(1)  # (b, 1, g, n, r, p)
+        entering = n_major(state, g).unsqueeze(1)  # (b, 1, g, n, r, p)
     if entering is not None:
         y_off = torch.einsum("bcgin,bcgnx->bcigx", Cb, entering.reshape(b, -1, g, n, r * p)).reshape(b, c, q, h, p)
-        y = y + y_off * _exp(cum).unsqueeze(-1)
+        y = y + y_off * exp_decay(cum).unsqueeze(-1)
     return (y, final) if out is None else (out.copy_(y), final)
 
 
@@ -254,7 +198,7 @@ def _block_group(
     group = _factored_group if factored else _masked_group
     dest = None if out is None else out.view(b, c, q, h, p)
     y, final = group(x.view(b, c, q, h, p), dt, cum, scores, Bb, Cb, state, need_state, dest)
-    return y.reshape(b, t, h, p), (_head_major(final) if need_state else None)
+    return y.reshape(b, t, h, p), (head_major(final) if need_state else None)
 
 
 def _all_factored(dtA: Tensor, q: int) -> bool:
@@ -312,8 +256,6 @@ def ssd(
         # of ops/ssd_grad.py. A single block without states has none of the costs it saves.
         stateful = l > q or state is not None or return_final_states
         if stateful and _all_factored(dt32 * A32, q):
-            from seqbench.ops.ssd_grad import factored_ssd  # (it builds on this module)
-
             x32 = x.float()
             y, state = factored_ssd(x32, dt32, A32, B.float(), C.float(), state, q, groups)
             y = y if D32 is None else torch.addcmul(y, x32, D32)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from seqbench.ops.ssd import MIN_LOG_DECAY, _exp, _head_major, _n_major, _pass_states
+from seqbench.ops.ssd_states import MIN_LOG_DECAY, exp_decay, head_major, n_major, pass_states
 
 
 def factored_ssd(
@@ -75,35 +75,33 @@ class _FactoredSSD(torch.autograd.Function):
         b, l, h, p = x.shape
         g = B.shape[2]
         y = torch.empty_like(x)  # (b, l, h, p)
-        kept, starts = [], []
+        kept = []
         cur = state
         for s, e in groups:
             blk = _Block(x[:, s:e], dt[:, s:e], A, B[:, s:e], C[:, s:e], min(q, e - s))
             _, c, qg, _, _, _, n, r = blk.shape
             local = torch.matmul(blk.Bb.transpose(-1, -2), blk.xs)  # (b, c, g, n, r p)
-            decay, half = blk.per_state(_exp(blk.last)), blk.per_state(blk.half)
-            starts.append(cur)
-            entering, final = _pass_states(local.clone().view(b, c, g, n, r, p), decay, _n_major(cur, g), half)
+            decay, half = blk.per_state(exp_decay(blk.last)), blk.per_state(blk.half)
+            entering, final = pass_states(local.clone().view(b, c, g, n, r, p), decay, n_major(cur, g), half)
             y_pre = torch.matmul(blk.S, blk.xs)  # (b, c, g, q, r p)
             y_pre.view(-1, qg, r * p).baddbmm_(blk.Cb.reshape(-1, qg, n), entering.view(-1, n, r * p))
             rows = blk.rows.view(b, c, qg, g, r, 1)
             torch.mul(y_pre.view(b, c, g, qg, r, p).transpose(2, 3), rows, out=y[:, s:e].view(b, c, qg, g, r, p))
             kept += [local, entering, y_pre]
-            cur = _head_major(final)
-        ctx.save_for_backward(x, dt, A, B, C, *starts, *kept)
+            cur = head_major(final)
+        ctx.save_for_backward(x, dt, A, B, C, *kept)
         ctx.q, ctx.groups = q, groups
         return y, cur
 
     @staticmethod
     @torch.no_grad()
     def backward(ctx, dy, dfinal):
-        x, dt, A, B, C, *rest = ctx.saved_tensors
+        x, dt, A, B, C, *kept = ctx.saved_tensors  # kept: local, entering, y_pre of each group
         n_groups = len(ctx.groups)
-        starts, kept = rest[:n_groups], rest[n_groups:]
         dx, ddt, dB, dC = (torch.empty_like(t) for t in (x, dt, B, C))
         dA = torch.zeros(A.shape, dtype=torch.float64, device=A.device)
         g = B.shape[2]
-        carry = _n_major(dfinal.contiguous(), g)  # dL/d(state after the group), n-major
+        carry = n_major(dfinal.contiguous(), g)  # dL/d(state after the group), n-major
         for i in reversed(range(n_groups)):
             s, e = ctx.groups[i]
             local, entering, y_pre = kept[3 * i : 3 * i + 3]
@@ -111,7 +109,7 @@ class _FactoredSSD(torch.autograd.Function):
             carry, dA_g = _group_backward(blk, dy[:, s:e], carry, local, entering, y_pre,
                                           (dx[:, s:e], ddt[:, s:e], dB[:, s:e], dC[:, s:e]), A)
             dA += dA_g
-        return dx, ddt, dA.to(A.dtype), dB, dC, _head_major(carry), None, None
+        return dx, ddt, dA.to(A.dtype), dB, dC, head_major(carry), None, None
 
 
 def _group_backward(
@@ -135,7 +133,7 @@ def _group_backward(
     dBb = torch.matmul(dS.transpose(-1, -2), blk.Cb)  # (b, c, g, q, n)
     dent = torch.matmul(blk.Cb.transpose(-1, -2), dyp).view(b, c, g, n, r, p)  # dL/dentering
     # the state-passing adjoint: later[k] = dL/dstart[k+1], adj = dL/dstart[k]
-    half, decay = blk.per_state(blk.half), blk.per_state(_exp(blk.last))
+    half, decay = blk.per_state(blk.half), blk.per_state(exp_decay(blk.last))
     later, adj = torch.empty_like(dent), carry.clone()
     for k in reversed(range(c)):
         later[:, k] = adj
@@ -155,7 +153,7 @@ def _group_backward(
     # back through rows = e^rel, cols = Δ e^-rel, rel = cum - mid, half = e^mid, decay = e^max(last, floor)
     drel = (drows * blk.rows).sub_(dcols * blk.cols).double()  # (b, c, q, h)
     dmid = (dhalf.reshape(b, c, h) * blk.half).double() - drel.sum(2)
-    dlast = ddecay.reshape(b, c, h).double() * _exp(blk.last) * (blk.last > MIN_LOG_DECAY) + dmid / 2
+    dlast = ddecay.reshape(b, c, h).double() * exp_decay(blk.last) * (blk.last > MIN_LOG_DECAY) + dmid / 2
     dcum = drel
     dcum[:, :, -1] += dlast
     ddtA = dcum.flip(2).cumsum(2).flip(2)  # (b, c, q, h): the cumulative sum's adjoint

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import seqbench.ops.ssd as ssd_mod
+import seqbench.ops.ssd_states as ssd_states
 from seqbench.ops import get
 from seqbench.ops.ssd import ssd
 
@@ -360,10 +361,10 @@ def test_state_passing_gradients_and_in_place_path(with_scale, with_state):
     def passed(local, decay, *rest):
         rest = list(rest)
         st = rest.pop(0) if with_state else None
-        return ssd_mod._pass_states(local, decay, st, rest.pop(0) if with_scale else None)
+        return ssd_states.pass_states(local, decay, st, rest.pop(0) if with_scale else None)
 
     assert torch.autograd.gradcheck(passed, inputs)
     with torch.no_grad():
-        in_place = ssd_mod._pass_states(local.clone(), decay, state, scale)
+        in_place = ssd_states.pass_states(local.clone(), decay, state, scale)
     for a, b_ in zip(in_place, passed(*inputs), strict=True):
         torch.testing.assert_close(a, b_.detach())
