@@ -277,11 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown:
         ap.error(f"unknown kind(s) {', '.join(unknown)}; known: {', '.join(KINDS)}")
-    peak = calibrate(torch.device("cpu"))["peak_flops_per_s"]
+    host = calibrate(torch.device("cpu"))
+    peak = host["peak_flops_per_s"]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"seqbench peers: torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"threads={a.threads}, float32, d_model={a.d_model}, layers={a.layers}, repeats={a.repeats}, "
-          f"peak {peak / 1e9:.0f} GFLOP/s (measured), load average {load:.2f}")
+          f"peak {peak / 1e9:.0f} GFLOP/s and {host['peak_bytes_per_s'] / 1e9:.0f} GB/s copy (measured: "
+          f"a host shared with other work shows lower figures), load average {load:.2f}")
     cases = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers' notes about missing fast kernels
