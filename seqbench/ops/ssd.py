@@ -139,7 +139,7 @@ def _factored_group(
     y = torch.matmul(scores, xs)  # (b, c, g, q, r p)
     if entering is not None:
         e = entering.reshape(b * c * g, n, r * p)
-        y = torch.baddbmm(y.view(b * c * g, q, r * p), Cb.reshape(b * c * g, q, n), e)
+        y.view(b * c * g, q, r * p).baddbmm_(Cb.reshape(b * c * g, q, n), e)  # in place: no copy of y
     y = y.view(b, c, g, q, r, p).transpose(2, 3)  # (b, c, q, g, r, p), a view
     rows = rows.view(b, c, q, g, r, 1)
     if out is None:
