@@ -30,7 +30,8 @@ y * silu(z), dt_bias, softplus, dt_limit clamp, initial and final states (b, h, 
 
 Numerics: everything runs in float32 whatever the input dtype; the within-block cumulative sums of Δ A are
 taken in float64, so every segment exp(cum_i - cum_j) keeps full float32 precision even when the cumulative
-decay inside a block is huge. Gradients come from autograd through these differentiable steps.
+decay inside a block is huge. Gradients: when states pass and every block takes the split-mask path (the
+usual case), ops/ssd_grad.py's written-out backward; otherwise autograd through these differentiable steps.
 
 Memory: long inputs are processed in groups of blocks, carrying the state from group to group, so the
 intermediates of one call are O(group) rather than O(l) (the output itself is O(l), as it must be).
@@ -51,7 +52,7 @@ from seqbench.ops.ssd_states import MIN_LOG_DECAY, exp_decay, head_major, n_majo
 # past ~16 MiB per temporary, glibc serves allocations by fresh mmap and every call pays page faults.
 GROUP_ELEMS = 1 << 21
 FACTOR_RANGE = 120.0  # largest total log-decay of a block for which the mask is split into row/column scales
-MAX_BLOCKS = 16  # blocks per group: passing states between them costs 2 (blocks) h p n per block
+MAX_BLOCKS = 16  # blocks per group (measured: one group of 64 blocks was slower, forward and backward)
 BLOCK = 64  # positions per block of a long sequence on CPU (measured: 32 and 128 are slower at n=128, hp=512)
 
 
