@@ -40,7 +40,8 @@ def factored_ssd(
 
 
 class _Block:
-    """The elementwise factors of one group of c blocks of q positions, recomputed in the backward."""
+    """One group of c blocks of q positions: its elementwise factors and block-major views (built in the
+    forward, rebuilt in the backward rather than kept). shape = (b, c, q, h, p, g, n, r)."""
 
     def __init__(self, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, q: int):
         b, t, h, p = x.shape
@@ -59,9 +60,8 @@ class _Block:
         self.xs = (self.x6 * self.cols.view(b, c, q, g, r, 1)).transpose(2, 3).reshape(b, c, g, q, r * p)
         self.Bb = B.reshape(b, c, q, g, n).transpose(2, 3)  # (b, c, g, q, n)
         self.Cb = C.reshape(b, c, q, g, n).transpose(2, 3)
-        upper = torch.ones(q, q, dtype=torch.bool, device=x.device).triu(1)
-        self.upper = upper
-        self.S = torch.matmul(self.Cb, self.Bb.transpose(-1, -2)).masked_fill_(upper, 0.0)  # (b, c, g, q, q)
+        self.upper = torch.ones(q, q, dtype=torch.bool, device=x.device).triu(1)  # (i, j): j > i
+        self.S = torch.matmul(self.Cb, self.Bb.transpose(-1, -2)).masked_fill_(self.upper, 0.0)  # (b, c, g, q, q)
 
     def per_state(self, t: Tensor) -> Tensor:
         """(b, c, h) -> (b, c, g, 1, r, 1), broadcastable against n-major block states."""
