@@ -267,16 +267,17 @@ def test_chunk_size_is_the_fast_kernels_and_leaves_the_reference_output_unchange
     assert all(torch.equal(y, outs[0]) for y in outs[1:])
 
 
+@pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("start", [0, 5])
-def test_inference_prefill_in_pieces_equals_one_forward(start, monkeypatch):
+def test_inference_prefill_in_pieces_equals_one_forward(batch, start, monkeypatch):
     """A long inference prefill runs PREFILL_PIECE positions at a time; outputs and the state it leaves equal
     the one-call forward (what runs under autograd), with and without a continued cache."""
     import seqbench.models.mamba2 as mamba2_module
 
     monkeypatch.setattr(mamba2_module, "PREFILL_PIECE", 8)
     m = make(ngroups=2)
-    x = randn(2, 5 + 37, D_MODEL)
-    caches = [m.allocate_cache(2, 42, torch.float32, "cpu") for _ in range(2)]
+    x = randn(batch, 5 + 37, D_MODEL)
+    caches = [m.allocate_cache(batch, 42, torch.float32, "cpu") for _ in range(2)]
     outs = []
     for cache, grad in zip(caches, (False, True), strict=True):
         with torch.set_grad_enabled(grad):
