@@ -7,6 +7,8 @@ Everything is computed in float32 whatever the input dtype; outputs are cast bac
 
 from __future__ import annotations
 
+from itertools import repeat
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -348,11 +350,11 @@ def selective_scan(
         dtype = u.dtype
         # time-major float32 once for the whole batch (the groups' slices of it are then free to use)
         u, delta, z = (None if t is None else _time_major(t).transpose(1, 2) for t in (u, delta, z))  # (b, d, l)
+        # split, not u[i : i + rows]: the backward of each slice would zero-fill a gradient of the whole batch
+        splits = (repeat(None) if t is None else t.split(rows) for t in (u, delta, p.B, p.C, z, initial_state))
         parts = [
-            selective_scan(u[i : i + rows], delta[i : i + rows], A, p.B[i : i + rows], p.C[i : i + rows], D,
-                           None if z is None else z[i : i + rows], delta_bias, delta_softplus,
-                           None if initial_state is None else initial_state[i : i + rows], return_final_state=True)
-            for i in range(0, p.b, rows)
+            selective_scan(u_g, delta_g, A, B_g, C_g, D, z_g, delta_bias, delta_softplus, h0_g, return_final_state=True)
+            for u_g, delta_g, B_g, C_g, z_g, h0_g in zip(*splits)  # noqa: B905 (repeat(None) is endless)
         ]
         ys, hs = zip(*parts, strict=True)
         y = torch.cat([y.transpose(1, 2) for y in ys]).transpose(1, 2).to(dtype)  # (b, d, l), time-major
