@@ -278,17 +278,16 @@ class _ScanFn(torch.autograd.Function):
         dbias = None if delta_bias is None else torch.zeros_like(delta_bias)
         carry = None if dh_last is None else p.to_inner(dh_last)  # dL/dh at the end of the current chunk
         dh0 = None
-        a, hbuf = p.buffers(2, extra=1)
-        (gbuf,) = p.buffers(1)
+        (a,) = p.buffers(1, extra=1)
+        hbuf, gbuf = p.buffers(2)  # whole chunks of them are contiguous (einsum would copy a slice of a batch)
         scratch = p.scratch()
         for i, (s, e) in reversed(list(enumerate(p.chunks()))):
             ch = _Chunk(p, s, e, u, delta, None, delta_bias, ctx.softplus, dt)
             c = ch.c
-            # Recompute h_{t-1}, h_t (hbuf[:, 0] is the chunk's starting state) and a_t for t = s .. e, where
-            # a_e belongs to the next chunk (Δ := 0, a = 1, past the sequence's end).
-            hbuf[:, 0].copy_(states[i])
-            _states(p, ch, a[:, :c], hbuf[:, 1 : c + 1], hbuf[:, 0], scratch)
-            h_prev, h = hbuf[:, :c], hbuf[:, 1 : c + 1]
+            # Recompute h_t from the chunk's starting state h_{s-1}, and a_t for t = s .. e, where a_e belongs
+            # to the next chunk (Δ := 0, a = 1, past the sequence's end).
+            start = states[i]  # h_{s-1}: (b, g, n, dg)
+            h = _states(p, ch, a[:, :c], hbuf[:, :c], start, scratch)
             if e < p.l:
                 dt_next = p.grouped(dt, e, e + 1)
             else:
@@ -316,7 +315,9 @@ class _ScanFn(torch.autograd.Function):
             dB[..., s:e] = torch.einsum("bcgnd,bcgd->bgnc", gc, p.grouped(ch.dtu, 0, c).squeeze(3))
             ddtu = torch.matmul(ch.B.transpose(-1, -2), gc).view(p.b, c, p.d)  # dL/d(Δu): (b, c, d)
             # dL/d(Δ A)_t = g_t a_t h_{t-1}; then chain to Δ (sum over n) and to A (sum over b, t).
-            dlog = torch.mul(a[:, :c], h_prev, out=a[:, :c]).mul_(gc)  # (b, c, g, n, dg), a is done with
+            torch.mul(a[:, 1:c], h[:, : c - 1], out=a[:, 1:c])  # a_t h_{t-1}, a is done with
+            a[:, 0].mul_(start)
+            dlog = a[:, :c].mul_(gc)  # (b, c, g, n, dg)
             dA.add_(torch.mul(dlog, ch.dtg, out=gc).sum((0, 1)))
             ddt = torch.mul(dlog, p.A, out=gc).sum(3).view(p.b, c, p.d).addcmul_(ddtu, ch.u)  # (b, c, d)
             duc = ddtu.mul_(ch.dt)
