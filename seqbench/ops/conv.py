@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from seqbench.ops.blockwise import channel_dot
 
@@ -87,6 +88,7 @@ class _TimeMajorConv(torch.autograd.Function):
         return F.silu(u) if silu else u
 
     @staticmethod
+    @once_differentiable  # a second derivative is not written out: asking for one raises
     def backward(ctx, grad_y: Tensor):
         x, taps, prefix, u = ctx.saved_tensors
         w, l = taps.shape[0], x.shape[1]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from seqbench.ops.blockwise import channel_dot
 
@@ -72,6 +73,7 @@ class _GatedRMSNorm(torch.autograd.Function):
         return out.to(y.dtype)
 
     @staticmethod
+    @once_differentiable  # a second derivative is not written out: asking for one raises
     def backward(ctx, grad_out):
         y, z, weight, r = ctx.saved_tensors
         gs, before = ctx.group_size, ctx.norm_before_gate

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from seqbench.ops.ssd_states import MIN_LOG_DECAY, exp_decay, head_major, n_major, pass_states
 
@@ -94,7 +95,7 @@ class _FactoredSSD(torch.autograd.Function):
         return y, cur
 
     @staticmethod
-    @torch.no_grad()
+    @once_differentiable  # a second derivative is not written out: asking for one raises
     def backward(ctx, dy, dfinal):
         x, dt, A, B, C, *kept = ctx.saved_tensors  # kept: local, entering, y_pre of each group
         n_groups = len(ctx.groups)
