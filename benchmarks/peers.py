@@ -186,8 +186,8 @@ def _caller(model: Stack, x: Tensor, mode: str) -> Callable[[], object]:
 def measure(kind: str, ours: Stack, peers: dict[str, Stack], batch: int, length: int, mode: str,
             repeats: int) -> Case:
     x = torch.randn(batch, length, ours.layers[0].d_model, generator=torch.Generator().manual_seed(1))
-    too_long = {n for n in peers if length > SKIPS.get((kind, n, mode), (length, ""))[0]}
-    skipped = {n: SKIPS[kind, n, mode][1] for n in too_long}
+    rules = {n: SKIPS[kind, n, mode] for n in peers if (kind, n, mode) in SKIPS}
+    skipped = {n: why for n, (longest, why) in rules.items() if length > longest}
     peers = {n: m for n, m in peers.items() if n not in skipped}
     models = {"seqbench": ours, **peers}
     for m in models.values():

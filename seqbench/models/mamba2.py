@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seqbench.ops import REF_LABELS, get
+from seqbench.ops import REF_LABELS, get, tracks_grad
 from seqbench.ops.conv import fill_conv_state
 from seqbench.ops.norm import gated_rms_norm
 from seqbench.ops.ssd import block_len, discretize_dt
@@ -32,10 +32,6 @@ from seqbench.ops.ssd import block_len, discretize_dt
 # Positions per piece of a long inference prefill on the reference kernels: a multiple of the reference SSD's
 # blocks and groups (ops/ssd.BLOCK, MAX_BLOCKS), small enough for a piece's activations to stay in the L3 cache.
 PREFILL_PIECE = 1024
-
-
-def _tracks_grad(x: Tensor, module: nn.Module) -> bool:
-    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
 
 
 class GatedRMSNorm(nn.Module):
@@ -179,7 +175,7 @@ class Mamba2(nn.Module):
         """in_proj(x) as z0, x0, z, xBC, dt. Under autograd each is its own product with its rows of the weight:
         the backward of one product then split would concatenate their gradients into a fresh
         (b, l, d_in_proj) tensor (measured: 4-6% of a layer's forward+backward)."""
-        if not _tracks_grad(x, self):
+        if not tracks_grad(x, *self.parameters()):
             return self._split(self.in_proj(x))
         sizes = [self.d_mlp, self.d_mlp, self.d_ssm, self.conv_dim, self.nheads]
         bias = self.in_proj.bias
@@ -212,7 +208,7 @@ class Mamba2(nn.Module):
         """x (b, l, d_model) at positions start..start+l-1 -> (b, l, d_model); with a cache, leaves the state."""
         if start > 0 and cache is None:
             raise ValueError("a prefill that starts after position 0 needs the cache of the earlier positions")
-        if x.shape[1] > PREFILL_PIECE and self._ssd_block is None and not _tracks_grad(x, self):
+        if x.shape[1] > PREFILL_PIECE and self._ssd_block is None and not tracks_grad(x, *self.parameters()):
             return self._forward_in_pieces(x, cache, start)
         return self._forward(x, cache, start)
 

@@ -19,6 +19,12 @@ import torch
 IMPLS = ("auto", "ref", "fast")
 
 
+def tracks_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd would record an op on these tensors (the references take a cheaper in-place path
+    when it would not)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 class KernelUnavailable(RuntimeError):
     """A fast kernel was demanded but cannot run here."""
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from seqbench.ops import tracks_grad
 from seqbench.ops.blockwise import channel_dot
 
 
@@ -53,8 +54,7 @@ def _time_major_conv(
     if initial_state is not None and w > 1:
         prefix = initial_state[..., initial_state.shape[-1] - (w - 1) :].transpose(1, 2).to(x.dtype)  # (b, w-1, d)
     silu = activation in ("silu", "swish")
-    tracked = (x, weight, bias, prefix)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tracked):
+    if tracks_grad(x, weight, bias, prefix):
         y = _TimeMajorConv.apply(x_t, taps, b_, prefix, silu)
     else:
         y = _shifted_sum(x_t, taps, b_, prefix)

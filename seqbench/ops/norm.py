@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from seqbench.ops import tracks_grad
 from seqbench.ops.blockwise import channel_dot
 
 
@@ -31,8 +32,7 @@ def gated_rms_norm(
     y: Tensor, z: Tensor | None, weight: Tensor, eps: float, group_size: int, norm_before_gate: bool
 ) -> Tensor:
     """y, z (..., dim), weight (dim,) -> (..., dim) in y's dtype; statistics over groups of group_size."""
-    tracked = (y, z, weight)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tracked):
+    if tracks_grad(y, z, weight):
         return _GatedRMSNorm.apply(y, z, weight, eps, group_size, norm_before_gate)
     s = _gated_input(y, z, norm_before_gate)  # (..., dim) float32, a new tensor
     n = _grouped(s, group_size).mul_(_rstd(s, eps, group_size)).flatten(-2)

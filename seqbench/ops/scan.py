@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from seqbench.ops import tracks_grad
+
 # Chunked selective scan. Inside, everything is time-major, (b, c, g, n, dg) with dg = d / g the channels of
 # one B/C group. The sequence runs in chunks of c steps (a cache-sized work buffer) carrying the state
 # (b, g, n, dg): nothing of size (b, l, d, n) is built. In a chunk h_t = a_t h_{t-1} + x_t is solved by a
@@ -362,8 +364,7 @@ def selective_scan(
         h_last = torch.cat(hs)  # (b, d, n)
         return (y, h_last) if return_final_state else y
     f32 = [None if t is None else t.float() for t in (D, z, delta_bias, initial_state)]
-    tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    if tracks_grad(u, delta, A, B, C, D, z, delta_bias, initial_state):
         y, h_last = _ScanFn.apply(u.float(), delta.float(), A.float(), p.B.float(), p.C.float(), *f32, delta_softplus)
     else:
         D32, z32, bias32, h0 = f32

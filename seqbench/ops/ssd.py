@@ -45,14 +45,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from seqbench.ops import tracks_grad
 from seqbench.ops.ssd_grad import factored_ssd
-from seqbench.ops.ssd_states import MIN_LOG_DECAY, exp_decay, head_major, n_major, pass_states
+from seqbench.ops.ssd_states import (
+    MIN_LOG_DECAY,
+    block_scores,
+    exp_decay,
+    head_major,
+    n_major,
+    pass_states,
+    split_scales,
+)
 
 # Elements of the largest per-group intermediate (the block states, or the explicit mask). Measured on CPU:
 # past ~16 MiB per temporary, glibc serves allocations by fresh mmap and every call pays page faults.
 GROUP_ELEMS = 1 << 21
 FACTOR_RANGE = 120.0  # largest total log-decay of a block for which the mask is split into row/column scales
-MAX_BLOCKS = 16  # blocks per group (measured: one group of 64 blocks was slower, forward and backward)
+MAX_BLOCKS = 16  # blocks per group (measured under autograd: one group of 64 blocks was slower)
 BLOCK = 64  # positions per block of a long sequence on CPU (measured: 32 and 128 are slower at n=128, hp=512)
 
 
@@ -122,14 +131,11 @@ def _factored_group(
     b, c, q, h, p = x.shape
     g, n = Bb.shape[2], Bb.shape[-1]
     r = h // g
-    mid = cum[:, :, -1:] / 2  # (b, c, 1, h) half of each block's total log-decay
-    rel = (cum - mid).float()  # (b, c, q, h), within ±60: rounding it to float32 costs < 4e-6 relative
-    rows, cols = torch.exp(rel), torch.exp(-rel) * dt  # exp(cum_i - mid), Δ_j exp(mid - cum_j)
+    rows, _, cols, half = split_scales(cum, dt)  # exp(cum_i - mid), Δ_j exp(mid - cum_j), exp(mid)
     xs = (x * cols.unsqueeze(-1)).view(b, c, q, g, r * p).transpose(2, 3)  # (b, c, g, q, r p)
     # exp(last - cum_j) = exp(mid) cols_j / Δ_j and exp(cum_i) = exp(mid) rows_i: a block's state from a zero
     # start is exp(mid) xs^T B, and the state entering it reaches position i as rows_i exp(mid) C_i state.
-    half = torch.exp(mid.squeeze(2)).float()  # (b, c, h): exp(mid), in [e^-60, 1]
-    half = half.view(b, c, g, 1, r, 1)
+    half = half.view(b, c, g, 1, r, 1)  # exp(mid), in [e^-60, 1]
     entering = final = None
     if c > 1 or need_state:
         local = torch.matmul(Bb.transpose(-1, -2), xs).view(b, c, g, n, r, p)  # B^T xs, / exp(mid)
@@ -187,14 +193,8 @@ def _block_group(
     when given), and the state after the group (b, h, p, n) when ``need_state`` (else None).
     """
     b, t, h, p = x.shape
-    g, n = B.shape[-2:]
     c = t // q
-    dt = dt.view(b, c, q, h)
-    cum = torch.cumsum((dt * A).double(), dim=2)  # (b, c, q, h) float64 log-decay from the block start
-    Bb = B.reshape(b, c, q, g, n).transpose(2, 3)  # (b, c, g, q, n)
-    Cb = C.reshape(b, c, q, g, n).transpose(2, 3)  # (b, c, g, q, n)
-    upper = torch.ones(q, q, dtype=torch.bool, device=x.device).triu(1)  # (i, j): j > i
-    scores = torch.matmul(Cb, Bb.transpose(-1, -2)).masked_fill_(upper, 0.0)  # (b, c, g, i, j)
+    dt, cum, Bb, Cb, _, scores = block_scores(dt, A, B, C, q)  # cum (b, c, q, h) float64; scores (b, c, g, i, j)
     factored = -cum[:, :, -1].min().item() <= FACTOR_RANGE
     group = _factored_group if factored else _masked_group
     dest = None if out is None else out.view(b, c, q, h, p)
@@ -249,8 +249,7 @@ def ssd(
     whole = l - l % q
     groups = [(s, min(s + span, whole)) for s in range(0, whole, span)] + ([(whole, l)] if whole < l else [])
     # Without autograd the groups are written into one preallocated output (no extra copy for a cat).
-    tracked = (x, dt, A, B, C, D, z, dt_bias, initial_states)
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tracked)
+    grad = tracks_grad(x, dt, A, B, C, D, z, dt_bias, initial_states)
     if grad:
         dt32 = discretize_dt(dt, dt_bias, dt_softplus, dt_limit)  # (b, l, h)
         # States to pass (more than one block, or a state in or out) and no extreme Δ: the written-out backward

@@ -25,7 +25,15 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from seqbench.ops.ssd_states import MIN_LOG_DECAY, exp_decay, head_major, n_major, pass_states
+from seqbench.ops.ssd_states import (
+    MIN_LOG_DECAY,
+    block_scores,
+    exp_decay,
+    head_major,
+    n_major,
+    pass_states,
+    split_scales,
+)
 
 
 def factored_ssd(
@@ -49,20 +57,11 @@ class _Block:
         g, n = B.shape[-2:]
         self.shape = (b, t // q, q, h, p, g, n, h // g)
         b, c, q, h, p, g, n, r = self.shape
-        self.dt = dt.view(b, c, q, h)
-        self.cum = torch.cumsum((self.dt * A).double(), dim=2)  # (b, c, q, h) float64
+        self.dt, self.cum, self.Bb, self.Cb, self.upper, self.S = block_scores(dt, A, B, C, q)
         self.last = self.cum[:, :, -1]  # (b, c, h)
-        mid = self.last.unsqueeze(2) / 2
-        rel = (self.cum - mid).float()  # (b, c, q, h)
-        self.rows, self.inv = torch.exp(rel), torch.exp(-rel)
-        self.cols = self.inv * self.dt
-        self.half = torch.exp(mid.squeeze(2)).float()  # (b, c, h)
+        self.rows, self.inv, self.cols, self.half = split_scales(self.cum, self.dt)  # (b, c, q, h); half (b, c, h)
         self.x6 = x.view(b, c, q, g, r, p)
         self.xs = (self.x6 * self.cols.view(b, c, q, g, r, 1)).transpose(2, 3).reshape(b, c, g, q, r * p)
-        self.Bb = B.reshape(b, c, q, g, n).transpose(2, 3)  # (b, c, g, q, n)
-        self.Cb = C.reshape(b, c, q, g, n).transpose(2, 3)
-        self.upper = torch.ones(q, q, dtype=torch.bool, device=x.device).triu(1)  # (i, j): j > i
-        self.S = torch.matmul(self.Cb, self.Bb.transpose(-1, -2)).masked_fill_(self.upper, 0.0)  # (b, c, g, q, q)
 
     def per_state(self, t: Tensor) -> Tensor:
         """(b, c, h) -> (b, c, g, 1, r, 1), broadcastable against n-major block states."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from seqbench.ops import tracks_grad
+
 MIN_LOG_DECAY = -80.0  # floor of log-decays fed to exp: exp(-80) ~ 2e-35, and CPU exp is slow on subnormals
 
 
@@ -32,8 +34,7 @@ def pass_states(
     """
     c = local.shape[1]  # without autograd, local is overwritten by the entering states
     cur = local.new_zeros(local[:, 0].shape) if state is None else state.to(local.dtype)
-    tracked = (local, decay, state, scale)
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tracked)):
+    if not tracks_grad(local, decay, state, scale):
         # In place: block k's entering state replaces its local one once that is added in, so nothing of
         # local's size is allocated (fresh memory costs page faults) and every step stays in cache.
         cur = cur.clone(memory_format=torch.contiguous_format)
@@ -68,3 +69,33 @@ def head_major(state: Tensor) -> Tensor:
     """(b, g, n, r, p) -> (b, h, p, n)."""
     b, g, n, r, p = state.shape
     return state.permute(0, 1, 3, 4, 2).reshape(b, g * r, p, n)
+
+
+def block_scores(dt: Tensor, A: Tensor, B: Tensor, C: Tensor, q: int) -> tuple[Tensor, ...]:
+    """The per-block quantities both SSD paths start from, for a group of whole blocks of q positions.
+
+    dt (b, t, h) discretised Δ, A (h,), B/C (b, t, g, n). Returns dt (b, c, q, h), cum (b, c, q, h): the
+    float64 log-decay from each block's start, Bb, Cb (b, c, g, q, n), upper (q, q): j > i, and the masked
+    scores C B^T (b, c, g, q, q).
+    """
+    b, t, h = dt.shape
+    g, n = B.shape[-2:]
+    c = t // q
+    dt = dt.view(b, c, q, h)
+    cum = torch.cumsum((dt * A).double(), dim=2)
+    Bb = B.reshape(b, c, q, g, n).transpose(2, 3)
+    Cb = C.reshape(b, c, q, g, n).transpose(2, 3)
+    upper = torch.ones(q, q, dtype=torch.bool, device=dt.device).triu(1)
+    scores = torch.matmul(Cb, Bb.transpose(-1, -2)).masked_fill_(upper, 0.0)
+    return dt, cum, Bb, Cb, upper, scores
+
+
+def split_scales(cum: Tensor, dt: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The decay mask exp(cum_i - cum_j) split around mid, half of each block's total log-decay: from cum
+    (b, c, q, h) float64 and dt (b, c, q, h), rows = e^(cum - mid), inv = e^(mid - cum), cols = Δ inv (all
+    (b, c, q, h)) and half = e^mid (b, c, h), in float32. rel = cum - mid stays within ±60 on this path, so
+    rounding it to float32 costs < 4e-6 relative."""
+    mid = cum[:, :, -1:] / 2  # (b, c, 1, h)
+    rel = (cum - mid).float()
+    rows, inv = torch.exp(rel), torch.exp(-rel)
+    return rows, inv, inv * dt, torch.exp(mid.squeeze(2)).float()
