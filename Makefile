@@ -43,6 +43,7 @@ smoke: $(STAMP)
 	$(VENV)/bin/seqbench plot "$$(cat results/.last-smoke)"
 
 bench: $(STAMP)
+	$(PY) benchmarks/gemm.py
 	$(PY) benchmarks/ops_bench.py
 	$(PY) benchmarks/peers.py
 

@@ -282,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"seqbench peers: torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"threads={a.threads}, float32, d_model={a.d_model}, layers={a.layers}, repeats={a.repeats}, "
-          f"peak {peak / 1e9:.0f} GFLOP/s and {host['peak_bytes_per_s'] / 1e9:.0f} GB/s copy (measured: "
-          f"a host shared with other work shows lower figures), load average {load:.2f}")
+          f"peak {peak / 1e9:.0f} GFLOP/s ({host['gemm']} GEMM) and {host['peak_bytes_per_s'] / 1e9:.0f} GB/s "
+          f"copy (measured: a host shared with other work shows lower figures), load average {load:.2f}")
     cases = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers' notes about missing fast kernels

@@ -232,7 +232,7 @@ def calibrate(
         fail(str(e))
     cal = measure_peaks(dev, DTYPES[dtype])
     out.print(f"{cal['device']} {cal['dtype']} threads={cal['threads']}: "
-              f"peak matmul {cal['peak_flops_per_s'] / 1e9:.1f} GFLOP/s, "
+              f"peak matmul {cal['peak_flops_per_s'] / 1e9:.1f} GFLOP/s ({cal['gemm']}), "
               f"copy bandwidth {cal['peak_bytes_per_s'] / 1e9:.1f} GB/s", highlight=False)
 
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from seqbench.ops import get
 from seqbench.ops.conv import fill_conv_state
+from seqbench.ops.gemm import Linear
 
 
 def rope_inv_freq(head_dim: int, theta: float, device: torch.device | str | None = None) -> Tensor:
@@ -64,9 +65,9 @@ class Attention(nn.Module):
         # A plain float32 tensor, not a buffer: model.to(bfloat16) must not round the frequencies.
         self._inv_freq = rope_inv_freq(self.head_dim, rope_theta, device)
         kw = {"device": device, "dtype": dtype}
-        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=False, **kw)
-        self.kv_proj = nn.Linear(d_model, 2 * n_kv_heads * self.head_dim, bias=False, **kw)
-        self.out_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False, **kw)
+        self.q_proj = Linear(d_model, n_heads * self.head_dim, bias=False, **kw)
+        self.kv_proj = Linear(d_model, 2 * n_kv_heads * self.head_dim, bias=False, **kw)
+        self.out_proj = Linear(n_heads * self.head_dim, d_model, bias=False, **kw)
         self._attn, self.impl_used = get("attention", impl, device or "cpu", dtype)
         self._attn_step, _ = get("attention_kvcache", impl, device or "cpu", dtype)
         self.conv1d = None

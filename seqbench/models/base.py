@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from seqbench.ops.gemm import Linear
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm (Zhang & Sennrich, 2019); statistics in float32 for stability."""
@@ -45,9 +47,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, d_model: int, d_hidden: int):
         super().__init__()
-        self.gate = nn.Linear(d_model, d_hidden, bias=False)
-        self.up = nn.Linear(d_model, d_hidden, bias=False)
-        self.down = nn.Linear(d_hidden, d_model, bias=False)
+        self.gate = Linear(d_model, d_hidden, bias=False)
+        self.up = Linear(d_model, d_hidden, bias=False)
+        self.down = Linear(d_hidden, d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down(nn.functional.silu(self.gate(x)) * self.up(x))
@@ -113,7 +115,7 @@ class SeqModel(nn.Module):
         self.embed = nn.Embedding(vocab_size, d_model)
         self.blocks = nn.ModuleList(Block(d_model, m, mlp_hidden) for m in mixers)
         self.norm = RMSNorm(d_model)
-        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        self.head = Linear(d_model, vocab_size, bias=False)
 
     # --- inference -------------------------------------------------------------------------------
     def forward(self, tokens: Tensor) -> Tensor:

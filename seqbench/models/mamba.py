@@ -19,11 +19,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seqbench.ops import get
 from seqbench.ops.conv import fill_conv_state
+from seqbench.ops.gemm import Linear, linear
 
 
 class Mamba(nn.Module):
@@ -55,18 +55,18 @@ class Mamba(nn.Module):
         self.use_fast_path = use_fast_path  # mamba_ssm constructor compatibility; `impl` selects kernels
         self.layer_idx = layer_idx
 
-        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **kw)
+        self.in_proj = Linear(d_model, 2 * self.d_inner, bias=bias, **kw)
         self.conv1d = nn.Conv1d(
             self.d_inner, self.d_inner, d_conv, groups=self.d_inner, padding=d_conv - 1, bias=conv_bias, **kw
         )
-        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **kw)
-        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **kw)
+        self.x_proj = Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **kw)
+        self.dt_proj = Linear(self.dt_rank, self.d_inner, bias=True, **kw)
         # S4D-real initialisation (Gu et al. 2022, "On the Parameterization and Initialization of Diagonal SSMs"):
         # A[:, i] = -(i + 1), stored as log so that A = -exp(A_log) stays negative under training.
         A = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).repeat(self.d_inner, 1)  # (d_inner, n)
         self.A_log = nn.Parameter(torch.log(A))
         self.D = nn.Parameter(torch.ones(self.d_inner, device=device))
-        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **kw)
+        self.out_proj = Linear(self.d_inner, d_model, bias=bias, **kw)
         self._init_dt(dt_init, dt_scale, dt_min, dt_max, dt_init_floor)
 
         dev = device or "cpu"
@@ -124,8 +124,8 @@ class Mamba(nn.Module):
         e, w_in, b_in = self.d_inner, self.in_proj.weight, self.in_proj.bias
         # Everything stays time-major, (b, l, channels) in memory: the conv and the scan read that layout
         # directly (their (b, d, l) arguments are transposed views), so nothing is transposed in between.
-        xc = F.linear(x, w_in[:e], None if b_in is None else b_in[:e]).transpose(1, 2)  # (b, d_inner, l)
-        z = F.linear(x, w_in[e:], None if b_in is None else b_in[e:])  # (b, l, d_inner)
+        xc = linear(x, w_in[:e], None if b_in is None else b_in[:e]).transpose(1, 2)  # (b, d_inner, l)
+        z = linear(x, w_in[e:], None if b_in is None else b_in[e:])  # (b, l, d_inner)
         conv_state = ssm_state = None
         if cache is not None:
             conv_state, ssm_state = cache["conv_state"][:b], cache["ssm_state"][:b]
@@ -139,9 +139,9 @@ class Mamba(nn.Module):
             if start == 0:
                 conv_state.zero_()  # positions before 0 are zeros, as in the convolution's padding
             fill_conv_state(conv_state, xc)
-        dt, B, C = F.linear(xs.transpose(1, 2), self.x_proj.weight).split(
+        dt, B, C = linear(xs.transpose(1, 2), self.x_proj.weight).split(
             [self.dt_rank, self.d_state, self.d_state], dim=-1)  # (b, l, *)
-        dt = F.linear(dt, self.dt_proj.weight)  # (b, l, d_inner), bias added in the scan
+        dt = linear(dt, self.dt_proj.weight)  # (b, l, d_inner), bias added in the scan
         out = scan(
             xs, dt.transpose(1, 2), self._A(), B.transpose(1, 2), C.transpose(1, 2), self.D.float(),
             z.transpose(1, 2),  # B, C: (b, n, l)
@@ -163,7 +163,7 @@ class Mamba(nn.Module):
             xc, cache["conv_state"][:b], self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu"
         )
         dt, B, C = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)  # (b, r), (b, n) x2
-        dt = F.linear(dt, self.dt_proj.weight)  # (b, d_inner), bias added in the state update
+        dt = linear(dt, self.dt_proj.weight)  # (b, d_inner), bias added in the state update
         y = self._state_update(
             cache["ssm_state"][:b], xs, dt, self._A(), B, C, self.D.float(), z,
             dt_bias=self.dt_proj.bias.float(), dt_softplus=True,

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from seqbench.ops import REF_LABELS, get, tracks_grad
 from seqbench.ops.conv import fill_conv_state
+from seqbench.ops.gemm import Linear, linear
 from seqbench.ops.norm import gated_rms_norm
 from seqbench.ops.ssd import block_len, discretize_dt
 
@@ -119,7 +120,7 @@ class Mamba2(nn.Module):
 
         # in_proj output order: [z0, x0 (MLP side path, empty by default), z, x, B, C, dt]
         d_in_proj = 2 * self.d_inner + 2 * ngroups * d_state + self.nheads
-        self.in_proj = nn.Linear(d_model, d_in_proj, bias=bias, **kw)
+        self.in_proj = Linear(d_model, d_in_proj, bias=bias, **kw)
         self.conv1d = nn.Conv1d(
             self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=d_conv - 1, bias=conv_bias, **kw
         )
@@ -140,7 +141,7 @@ class Mamba2(nn.Module):
             self.norm = GatedRMSNorm(
                 self.d_ssm, eps=1e-5, group_size=self.d_ssm // ngroups, norm_before_gate=norm_before_gate, **kw
             )
-        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **kw)
+        self.out_proj = Linear(self.d_inner, d_model, bias=bias, **kw)
         if dtype is not None:
             self.to(dtype)
 
@@ -180,7 +181,7 @@ class Mamba2(nn.Module):
         sizes = [self.d_mlp, self.d_mlp, self.d_ssm, self.conv_dim, self.nheads]
         bias = self.in_proj.bias
         biases = [None] * len(sizes) if bias is None else bias.split(sizes)
-        return tuple(F.linear(x, w, b) for w, b in zip(self.in_proj.weight.split(sizes), biases, strict=True))
+        return tuple(linear(x, w, b) for w, b in zip(self.in_proj.weight.split(sizes), biases, strict=True))
 
     def _conv_weight(self) -> Tensor:
         return self.conv1d.weight.view(self.conv_dim, self.d_conv)  # (conv_dim, w)
@@ -200,8 +201,7 @@ class Mamba2(nn.Module):
             y = torch.cat([F.silu(z0) * x0, y], dim=-1)  # (..., d_inner)
         if out is None:
             return self.out_proj(y)
-        torch.matmul(y, self.out_proj.weight.t(), out=out)
-        return out if self.out_proj.bias is None else out.add_(self.out_proj.bias)
+        return linear(y, self.out_proj.weight, self.out_proj.bias, out=out)
 
     # --- the mixer contract ---------------------------------------------------------------------
     def forward(self, x: Tensor, cache: dict[str, Tensor] | None = None, start: int = 0) -> Tensor:

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from seqbench.ops import get
 from seqbench.ops.fftconv import next_fast_len
+from seqbench.ops.gemm import Linear
 
 INITS = ("lin", "inv")
 
@@ -159,7 +160,7 @@ class S4D(nn.Module):
         self.C = nn.Parameter((torch.randn(h, n2, 2) * math.sqrt(0.5)).to(**kw))  # E|C|^2 = 1
         self.D = nn.Parameter(torch.randn(h).to(**kw))
         self.dropout = nn.Dropout(dropout)
-        self.out_proj = nn.Linear(d_model, 2 * d_model, **kw)
+        self.out_proj = Linear(d_model, 2 * d_model, **kw)
         self._fft_conv, self.impl_used = get("fft_conv", impl, device or "cpu")
         self.state_dtype = state_dtype  # None: the dtype allocate_cache is given (the model's)
         self._step_memo: tuple | None = None

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from seqbench.ops.gemm import GEMM
+
 OPTIONAL_KERNELS = ("mamba_ssm", "causal_conv1d", "flash_attn", "triton")
 _DISTRIBUTIONS = {
     "mamba_ssm": "mamba-ssm", "causal_conv1d": "causal-conv1d", "flash_attn": "flash-attn", "triton": "triton"
@@ -83,5 +85,6 @@ def snapshot(device: torch.device | None = None, dtype: str | None = None, seed:
         "git_commit": commit,
         "git_dirty": dirty,
         "seqbench": _version("seqbench"),
+        "cpu_float32_gemm": GEMM,
         "kernels": {name: _version(_DISTRIBUTIONS[name]) for name in OPTIONAL_KERNELS},
     }

@@ -1,0 +1,93 @@
+"""Dense projections, y = x W^T + b, on the fastest float32 GEMM that the installed torch build offers.
+
+On a CPU, torch's float32 matmul calls MKL, and MKL takes a narrower code path on processors that are not
+Intel's. The same torch build ships oneDNN, whose float32 matmul (``torch.ops.mkldnn._linear_pointwise``,
+the op torch's own compiler emits for CPU linear layers) picks its kernels from the CPU's instruction sets.
+On an AMD EPYC with AVX-512 and 2 threads (measured, ``benchmarks/gemm.py``): 370 GFLOP/s against MKL's 165
+for the projections' forward and input-gradient shapes. Both are IEEE float32 products; only the order of the
+sums differs.
+
+Where oneDNN is not the faster one, the choice stays with torch:
+- small products (fewer than ONEDNN_MIN_MACS multiply-adds: decode steps, tiny models): oneDNN's fixed
+  ~12 µs per call costs more than it saves;
+- the weight gradient dy^T x, whose long reduction over tokens oneDNN ran no faster than MKL (measured);
+- any device but the CPU, any dtype but float32 (torch already routes CPU bfloat16 to oneDNN).
+
+``GEMM`` names the choice for float32 on the CPU; runs record it in env.json, and calibration measures its peak.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+ONEDNN_MIN_MACS = 1 << 22  # measured: below ~4M multiply-adds (e.g. 8 x 256 x 1288) MKL is as fast or faster
+
+
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+GEMM = "onednn" if onednn_available() else "torch"  # the float32 CPU GEMM of large projections
+
+
+def gemm_for(x: Tensor) -> str:
+    """The GEMM that large products on x's device and dtype run on: "onednn" or "torch"."""
+    return GEMM if x.device.type == "cpu" and x.dtype == torch.float32 else "torch"
+
+
+def _uses_onednn(x: Tensor, weight: Tensor) -> bool:
+    return (
+        gemm_for(x) == "onednn" and weight.dtype == torch.float32 and x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS
+    )
+
+
+def _onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x (..., k) @ weight (m, k)^T + bias (m,) -> (..., m), contiguous; x and weight may be strided views."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+    """F.linear(x, weight, bias) (x (..., k), weight (m, k)) on the faster GEMM; written into ``out`` (..., m)
+    when given (no autograd)."""
+    if not _uses_onednn(x, weight):
+        if out is None:
+            return F.linear(x, weight, bias)
+        torch.matmul(x, weight.t(), out=out)
+        return out if bias is None else out.add_(bias)
+    if out is not None:
+        return out.copy_(_onednn(x, weight, bias))
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return _OneDNNLinear.apply(x, weight, bias)
+    return _onednn(x, weight, bias)
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = _onednn(dy, weight.t(), None)  # dy (..., m) @ weight (m, k): weight^T is the (k, m) "weight"
+        dy2 = dy.reshape(-1, dy.shape[-1])  # (tokens, m)
+        if ctx.needs_input_grad[1]:
+            dw = torch.mm(dy2.t(), x.reshape(-1, x.shape[-1]))  # (m, k): MKL, no slower here (module docstring)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy2.sum(0)
+        return dx, dw, db
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, state_dict and initialisation) whose product runs on ``linear``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
