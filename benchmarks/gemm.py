@@ -2,8 +2,9 @@
 
 For the products of one layer's forward and backward at d_model 256 (Mamba-2's in_proj and out_proj, b*L
 tokens), and for a few decode-sized products, prints GFLOP/s of ``torch.matmul`` and of what seqbench runs:
-``linear`` for the forward and the input gradient, and ``torch.mm`` for the weight gradient (see ops/gemm.py
-for why). Medians of interleaved calls, so both see the same machine load.
+``linear`` for the forward and the input gradient, ``weight_grad`` for the weight gradient. Each is the
+median of ``--repeats`` calls; the two sides are measured one after the other, so compare them on a quiet
+machine.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 
 import torch
 
-from seqbench.ops.gemm import GEMM, ONEDNN_MIN_MACS, linear
+from seqbench.ops.gemm import GEMM, ONEDNN_MIN_MACS, linear, weight_grad
 
 
 def _median_s(fn, repeats: int) -> float:
@@ -50,8 +51,11 @@ def main() -> int:
               f"{theirs / ours:>7.2f}")
     for what, m, k in [("in_proj dW", 1288, 256), ("out_proj dW", 256, 512)]:
         dy, x = torch.randn(t, m), torch.randn(t, k)
-        s = _median_s(lambda: torch.mm(dy.t(), x), a.repeats)  # noqa: B023
-        print(f"{what:<16}{f'{m}x{t}x{k}':>18}{2 * t * m * k / s / 1e9:>15.0f}{'(torch)':>10}")
+        theirs = _median_s(lambda: torch.mm(dy.t(), x), a.repeats)  # noqa: B023
+        ours = _median_s(lambda: weight_grad(dy, x), a.repeats)  # noqa: B023
+        flops = 2 * t * m * k
+        print(f"{what:<16}{f'{m}x{t}x{k}':>18}{flops / theirs / 1e9:>15.0f}{flops / ours / 1e9:>10.0f}"
+              f"{theirs / ours:>7.2f}")
     return 0
 
 

@@ -3,14 +3,13 @@
 On a CPU, torch's float32 matmul calls MKL, and MKL takes a narrower code path on processors that are not
 Intel's. The same torch build ships oneDNN, whose float32 matmul (``torch.ops.mkldnn._linear_pointwise``,
 the op torch's own compiler emits for CPU linear layers) picks its kernels from the CPU's instruction sets.
-On an AMD EPYC with AVX-512 and 2 threads (measured, ``benchmarks/gemm.py``): 370 GFLOP/s against MKL's 165
-for the projections' forward and input-gradient shapes. Both are IEEE float32 products; only the order of the
-sums differs.
+On an AMD EPYC with AVX-512 and 2 threads (measured, ``benchmarks/gemm.py``): 290-370 GFLOP/s against MKL's
+140-165 for a projection's forward and input gradient, 190-220 against 135-160 for its weight gradient. Both
+are IEEE float32 products; only the order of the sums differs.
 
 Where oneDNN is not the faster one, the choice stays with torch:
 - small products (fewer than ONEDNN_MIN_MACS multiply-adds: decode steps, tiny models): oneDNN's fixed
   ~12 µs per call costs more than it saves;
-- the weight gradient dy^T x, whose long reduction over tokens oneDNN ran no faster than MKL (measured);
 - any device but the CPU, any dtype but float32 (torch already routes CPU bfloat16 to oneDNN).
 
 ``GEMM`` names the choice for float32 on the CPU; runs record it in env.json, and calibration measures its peak.
@@ -80,10 +79,19 @@ class _OneDNNLinear(torch.autograd.Function):
             dx = _onednn(dy, weight.t(), None)  # dy (..., m) @ weight (m, k): weight^T is the (k, m) "weight"
         dy2 = dy.reshape(-1, dy.shape[-1])  # (tokens, m)
         if ctx.needs_input_grad[1]:
-            dw = torch.mm(dy2.t(), x.reshape(-1, x.shape[-1]))  # (m, k): MKL, no slower here (module docstring)
+            dw = weight_grad(dy2, x.reshape(-1, x.shape[-1]))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.sum(0)
         return dx, dw, db
+
+
+def weight_grad(dy: Tensor, x: Tensor) -> Tensor:
+    """dy (t, m)^T @ x (t, k) -> (m, k), a reduction over the t tokens. oneDNN reads both operands transposed
+    in place; it is fastest with the smaller of m and k as its rows (measured: 1.2-1.5x MKL's torch.mm at
+    t = 4096, where the other orientation is slower than MKL)."""
+    if dy.shape[1] <= x.shape[1]:
+        return _onednn(dy.t(), x.t(), None)  # (m, k)
+    return _onednn(x.t(), dy.t(), None).t()  # (k, m) computed, returned as its (m, k) transpose
 
 
 class Linear(nn.Linear):

@@ -21,6 +21,8 @@ and the backward, with dyp = dy rows and the state-passing adjoint later[k] = dL
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -48,11 +50,25 @@ def factored_ssd(
     return _FactoredSSD.apply(x, dt, A, B, C, state, q, groups)
 
 
+class _Scratch:
+    """Flat buffers reused from group to group and call to call within one forward or backward: a fresh
+    tensor of many MiB costs a page fault per 4 KiB on its first write (ops/blockwise.py)."""
+
+    def __init__(self, like: Tensor):
+        self.like, self.flat = like, {}
+
+    def get(self, name: str, *shape: int) -> Tensor:
+        n = math.prod(shape)
+        if name not in self.flat or self.flat[name].numel() < n:
+            self.flat[name] = self.like.new_empty(n)
+        return self.flat[name][:n].view(shape)
+
+
 class _Block:
     """One group of c blocks of q positions: its elementwise factors and block-major views (built in the
     forward, rebuilt in the backward rather than kept). shape = (b, c, q, h, p, g, n, r)."""
 
-    def __init__(self, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, q: int):
+    def __init__(self, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, q: int, work: _Scratch):
         b, t, h, p = x.shape
         g, n = B.shape[-2:]
         self.shape = (b, t // q, q, h, p, g, n, h // g)
@@ -61,7 +77,9 @@ class _Block:
         self.last = self.cum[:, :, -1]  # (b, c, h)
         self.rows, self.inv, self.cols, self.half = split_scales(self.cum, self.dt)  # (b, c, q, h); half (b, c, h)
         self.x6 = x.view(b, c, q, g, r, p)
-        self.xs = (self.x6 * self.cols.view(b, c, q, g, r, 1)).transpose(2, 3).reshape(b, c, g, q, r * p)
+        self.xs = work.get("xs", b, c, g, q, r * p)  # x cols, block-major
+        torch.mul(self.x6.transpose(2, 3), self.cols.view(b, c, q, g, r, 1).transpose(2, 3),
+                  out=self.xs.view(b, c, g, q, r, p))
 
     def per_state(self, t: Tensor) -> Tensor:
         """(b, c, h) -> (b, c, g, 1, r, 1), broadcastable against n-major block states."""
@@ -73,85 +91,89 @@ class _FactoredSSD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, A, B, C, state, q, groups):
         b, l, h, p = x.shape
-        g = B.shape[2]
         y = torch.empty_like(x)  # (b, l, h, p)
+        work = _Scratch(x)
         kept = []
         cur = state
         for s, e in groups:
-            blk = _Block(x[:, s:e], dt[:, s:e], A, B[:, s:e], C[:, s:e], min(q, e - s))
-            _, c, qg, _, _, _, n, r = blk.shape
+            blk = _Block(x[:, s:e], dt[:, s:e], A, B[:, s:e], C[:, s:e], min(q, e - s), work)
+            _, c, qg, _, _, g, n, r = blk.shape
+            bcg, rp = b * c * g, r * p
             local = torch.matmul(blk.Bb.transpose(-1, -2), blk.xs)  # (b, c, g, n, r p)
             decay, half = blk.per_state(exp_decay(blk.last)), blk.per_state(blk.half)
             entering, final = pass_states(local.clone().view(b, c, g, n, r, p), decay, n_major(cur, g), half)
-            y_pre = torch.matmul(blk.S, blk.xs)  # (b, c, g, q, r p)
-            y_pre.view(-1, qg, r * p).baddbmm_(blk.Cb.reshape(-1, qg, n), entering.view(-1, n, r * p))
+            y_pre = torch.bmm(blk.S.view(bcg, qg, qg), blk.xs.view(bcg, qg, rp), out=work.get("y_pre", bcg, qg, rp))
+            y_pre.baddbmm_(blk.Cb.reshape(bcg, qg, n), entering.view(bcg, n, rp))
             rows = blk.rows.view(b, c, qg, g, r, 1)
             torch.mul(y_pre.view(b, c, g, qg, r, p).transpose(2, 3), rows, out=y[:, s:e].view(b, c, qg, g, r, p))
-            kept += [local, entering, y_pre]
+            kept += [local, entering]
             cur = head_major(final)
-        ctx.save_for_backward(x, dt, A, B, C, *kept)
+        ctx.save_for_backward(x, dt, A, B, C, y, *kept)
         ctx.q, ctx.groups = q, groups
         return y, cur
 
     @staticmethod
     @once_differentiable  # a second derivative is not written out: asking for one raises
     def backward(ctx, dy, dfinal):
-        x, dt, A, B, C, *kept = ctx.saved_tensors  # kept: local, entering, y_pre of each group
-        n_groups = len(ctx.groups)
+        x, dt, A, B, C, y, *kept = ctx.saved_tensors  # kept: local, entering of each group
         dx, ddt, dB, dC = (torch.empty_like(t) for t in (x, dt, B, C))
         dA = torch.zeros(A.shape, dtype=torch.float64, device=A.device)
-        g = B.shape[2]
-        carry = n_major(dfinal.contiguous(), g)  # dL/d(state after the group), n-major
-        for i in reversed(range(n_groups)):
+        work = _Scratch(x)
+        carry = n_major(dfinal.contiguous(), B.shape[2])  # dL/d(state after the group), n-major
+        for i in reversed(range(len(ctx.groups))):
             s, e = ctx.groups[i]
-            local, entering, y_pre = kept[3 * i : 3 * i + 3]
-            blk = _Block(x[:, s:e], dt[:, s:e], A, B[:, s:e], C[:, s:e], min(ctx.q, e - s))
-            carry, dA_g = _group_backward(blk, dy[:, s:e], carry, local, entering, y_pre,
-                                          (dx[:, s:e], ddt[:, s:e], dB[:, s:e], dC[:, s:e]), A)
+            local, entering = kept[2 * i : 2 * i + 2]
+            blk = _Block(x[:, s:e], dt[:, s:e], A, B[:, s:e], C[:, s:e], min(ctx.q, e - s), work)
+            carry, dA_g = _group_backward(blk, dy[:, s:e], y[:, s:e], carry, local, entering,
+                                          (dx[:, s:e], ddt[:, s:e], dB[:, s:e], dC[:, s:e]), A, work)
             dA += dA_g
         return dx, ddt, dA.to(A.dtype), dB, dC, head_major(carry), None, None
 
 
 def _group_backward(
-    blk: _Block, dy: Tensor, carry: Tensor, local: Tensor, entering: Tensor, y_pre: Tensor,
-    outs: tuple[Tensor, Tensor, Tensor, Tensor], A: Tensor,
+    blk: _Block, dy: Tensor, y: Tensor, carry: Tensor, local: Tensor, entering: Tensor,
+    outs: tuple[Tensor, Tensor, Tensor, Tensor], A: Tensor, work: _Scratch,
 ) -> tuple[Tensor, Tensor]:
     """One group's gradients, written into ``outs`` (dx, dΔ, dB, dC slices); returns dL/d(entering state)
-    (n-major) and this group's dA (float64)."""
+    (n-major) and this group's dA (float64). y: the group's output, y_pre rows."""
     b, c, q, h, p, g, n, r = blk.shape
     rp, bcg = r * p, b * c * g
     dx_out, ddt_out, dB_out, dC_out = outs
     dy6 = dy.view(b, c, q, g, r, p)
-    dyp = torch.empty(b, c, g, q, r, p, device=dy.device)  # dy rows, block-major (b, c, g, q, r, p)
+    # drows rows = sum_p dy rows y_pre = sum_p dy y
+    drows_rows = torch.mul(dy, y, out=work.get("act", *dy.shape)).sum(-1).view(b, c, q, h)
+    dyp = work.get("dyp", b, c, g, q, r, p)  # dy rows, block-major
     torch.mul(dy6.transpose(2, 3), blk.rows.view(b, c, q, g, r, 1).transpose(2, 3), out=dyp)
-    drows = (dyp * y_pre.view(b, c, g, q, r, p)).sum(-1).transpose(2, 3).reshape(b, c, q, h) / blk.rows
-    dyp = dyp.view(b, c, g, q, rp)
-    dS = torch.matmul(dyp, blk.xs.transpose(-1, -2)).masked_fill_(blk.upper, 0.0)  # (b, c, g, q, q)
-    dxs = torch.matmul(blk.S.transpose(-1, -2), dyp)  # (b, c, g, q, r p)
-    dCb = torch.matmul(dyp, entering.view(b, c, g, n, rp).transpose(-1, -2))  # (b, c, g, q, n)
-    dCb.view(bcg, q, n).baddbmm_(dS.reshape(bcg, q, q), blk.Bb.reshape(bcg, q, n))
-    dBb = torch.matmul(dS.transpose(-1, -2), blk.Cb)  # (b, c, g, q, n)
-    dent = torch.matmul(blk.Cb.transpose(-1, -2), dyp).view(b, c, g, n, r, p)  # dL/dentering
+    dyp = dyp.view(bcg, q, rp)
+    xs = blk.xs.view(bcg, q, rp)
+    dS = torch.bmm(dyp, xs.transpose(1, 2)).masked_fill_(blk.upper, 0.0)  # (b c g, q, q)
+    dxs = torch.bmm(blk.S.view(bcg, q, q).transpose(1, 2), dyp, out=work.get("dxs", bcg, q, rp))
+    Bb, Cb = blk.Bb.reshape(bcg, q, n), blk.Cb.reshape(bcg, q, n)
+    dCb = torch.bmm(dyp, entering.view(bcg, n, rp).transpose(1, 2)).baddbmm_(dS, Bb)  # (b c g, q, n)
+    dBb = torch.bmm(dS.transpose(1, 2), Cb)  # (b c g, q, n)
+    dent = torch.bmm(Cb.transpose(1, 2), dyp, out=work.get("dent", bcg, n, rp)).view(b, c, g, n, r, p)
     # the state-passing adjoint: later[k] = dL/dstart[k+1], adj = dL/dstart[k]
     half, decay = blk.per_state(blk.half), blk.per_state(exp_decay(blk.last))
-    later, adj = torch.empty_like(dent), carry.clone()
+    later, adj = work.get("later", b, c, g, n, r, p), carry.clone()
     for k in reversed(range(c)):
         later[:, k] = adj
         adj.mul_(decay[:, k]).addcmul_(dent[:, k], half[:, k])
-    start = entering.view(b, c, g, n, r, p) / half
-    dhalf = (dent * start).add_(local.view(b, c, g, n, r, p) * later).sum((3, 5))  # (b, c, g, r)
-    ddecay = (start * later).sum((3, 5))
-    dlocal = later.mul_(half).view(b, c, g, n, rp)
-    dxs.view(bcg, q, rp).baddbmm_(blk.Bb.reshape(bcg, q, n), dlocal.view(bcg, n, rp))
-    dBb.view(bcg, q, n).baddbmm_(blk.xs.reshape(bcg, q, rp), dlocal.view(bcg, n, rp).transpose(1, 2))
+    # start = entering / half: dhalf = sum_{n,p} dent start + local later, ddecay = sum_{n,p} start later
+    prod = work.get("prod", b, c, g, n, r, p)
+    entering, local = entering.view(b, c, g, n, r, p), local.view(b, c, g, n, r, p)
+    dhalf = torch.mul(dent, entering, out=prod).sum((3, 5)).div_(half.view(b, c, g, r))  # (b, c, g, r)
+    dhalf += torch.mul(local, later, out=prod).sum((3, 5))
+    ddecay = torch.mul(entering, later, out=prod).sum((3, 5)).div_(half.view(b, c, g, r))
+    dlocal = later.mul_(half).view(bcg, n, rp)
+    dxs.baddbmm_(Bb, dlocal)
+    dBb.baddbmm_(xs, dlocal.transpose(1, 2))
     dxs6 = dxs.view(b, c, g, q, r, p).transpose(2, 3)  # (b, c, q, g, r, p)
     torch.mul(dxs6, blk.cols.view(b, c, q, g, r, 1), out=dx_out.view(b, c, q, g, r, p))
-    dcols = (dxs6 * blk.x6).sum(-1).reshape(b, c, q, h)
-    dBb_t, dCb_t = (t.transpose(2, 3).reshape(b, c * q, g, n) for t in (dBb, dCb))
-    dB_out.copy_(dBb_t)
-    dC_out.copy_(dCb_t)
+    dcols = torch.mul(dxs6, blk.x6, out=work.get("act", b, c, q, g, r, p)).sum(-1).view(b, c, q, h)
+    dB_out.view(b, c, q, g, n).copy_(dBb.view(b, c, g, q, n).transpose(2, 3))
+    dC_out.view(b, c, q, g, n).copy_(dCb.view(b, c, g, q, n).transpose(2, 3))
     # back through rows = e^rel, cols = Δ e^-rel, rel = cum - mid, half = e^mid, decay = e^max(last, floor)
-    drel = (drows * blk.rows).sub_(dcols * blk.cols).double()  # (b, c, q, h)
+    drel = drows_rows.sub_(dcols * blk.cols).double()  # (b, c, q, h)
     dmid = (dhalf.reshape(b, c, h) * blk.half).double() - drel.sum(2)
     dlast = ddecay.reshape(b, c, h).double() * exp_decay(blk.last) * (blk.last > MIN_LOG_DECAY) + dmid / 2
     dcum = drel

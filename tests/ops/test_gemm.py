@@ -61,14 +61,15 @@ def test_forward_reads_strided_inputs(onednn_calls):
 
 @needs_onednn
 @pytest.mark.parametrize("bias", [False, True])
-def test_gradients_equal_the_float64_ones(bias, onednn_calls):
-    x, w, b = _inputs((2, 13), 32, 24, bias, seed=1)
-    dy = torch.randn(2, 13, 24, generator=torch.Generator().manual_seed(2))
+@pytest.mark.parametrize("k, m", [(32, 24), (24, 32)])  # both orientations of the weight gradient
+def test_gradients_equal_the_float64_ones(bias, k, m, onednn_calls):
+    x, w, b = _inputs((2, 13), k, m, bias, seed=1)
+    dy = torch.randn(2, 13, m, generator=torch.Generator().manual_seed(2))
     leaves = [t.clone().requires_grad_() for t in (x, w, b) if t is not None]
     gemm.linear(*leaves, *([None] if b is None else [])).backward(dy)
     ref = [t.double().requires_grad_() for t in (x, w, b) if t is not None]
     _reference(*ref, *([None] if b is None else [])).backward(dy.double())
-    assert len(onednn_calls) == 2  # the forward and the input gradient
+    assert len(onednn_calls) == 3  # the forward, the input gradient and the weight gradient
     for ours, theirs in zip(leaves, ref, strict=True):
         torch.testing.assert_close(ours.grad.double(), theirs.grad, rtol=1e-5, atol=1e-5)
 
@@ -79,7 +80,7 @@ def test_only_the_gradients_asked_for_are_computed(onednn_calls):
     w.requires_grad_()
     gemm.linear(x, w).sum().backward()
     assert x.grad is None and w.grad is not None
-    assert len(onednn_calls) == 1  # no input-gradient product for an x that needs none
+    assert len(onednn_calls) == 2  # the forward and the weight gradient: none for an x that needs none
     torch.testing.assert_close(w.grad, torch.ones(9, 8).t() @ x, rtol=1e-5, atol=1e-5)
 
 
