@@ -18,3 +18,13 @@ def test_channel_dot_reads_strided_views():
     x = torch.randn(4, 20, 6, dtype=torch.float64)
     a, b = x[:, 3:], x.transpose(0, 1).contiguous().transpose(0, 1)[:, :17]
     torch.testing.assert_close(blockwise.channel_dot(a, b), (a * b).sum((0, 1)))
+
+
+@pytest.mark.parametrize("shape, lags", [((2, 30, 5), 4), ((9, 3, 2), 4), ((1, 17, 3), 1), ((3, 2, 4), 3)])
+def test_lagged_channel_dots_equal_the_shifted_sums(shape, lags, monkeypatch):
+    monkeypatch.setattr(blockwise, "BLOCK_ROWS", 8)  # lags reach across block boundaries
+    g = torch.Generator().manual_seed(lags)
+    a, b = torch.randn(*shape, generator=g, dtype=torch.float64), torch.randn(*shape, generator=g, dtype=torch.float64)
+    t = shape[1]
+    expected = torch.stack([(a[:, s:] * b[:, : t - s]).sum((0, 1)) for s in range(lags)])
+    torch.testing.assert_close(blockwise.lagged_channel_dots(a, b, lags), expected)
