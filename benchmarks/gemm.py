@@ -36,25 +36,27 @@ def main() -> int:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     t = a.tokens
-    # (what, rows, in, out): y (rows, out) = x (rows, in) @ W (out, in)^T
-    cases = [("in_proj fwd", t, 256, 1288), ("out_proj fwd", t, 512, 256), ("in_proj dx", t, 1288, 256),
-             ("out_proj dx", t, 256, 512), ("decode b=1", 1, 256, 1288), ("decode b=64", 64, 256, 1288)]
+    # (what, m, k, n, make): a product (m, k) @ (k, n) and the operands of both sides; rows are tokens
+    def projection(rows, k, n):  # y = x W^T
+        x, w = torch.randn(rows, k), torch.randn(n, k)
+        return (lambda: torch.matmul(x, w.t())), (lambda: linear(x, w))
+
+    def weight_gradient(m, t, k):  # dW = dy^T x
+        dy, x = torch.randn(t, m), torch.randn(t, k)
+        return (lambda: torch.mm(dy.t(), x)), (lambda: weight_grad(dy, x))
+
+    cases = [("in_proj fwd", t, 256, 1288, projection), ("out_proj fwd", t, 512, 256, projection),
+             ("in_proj dx", t, 1288, 256, projection), ("out_proj dx", t, 256, 512, projection),
+             ("in_proj dW", 1288, t, 256, weight_gradient), ("out_proj dW", 256, t, 512, weight_gradient),
+             ("decode b=1", 1, 256, 1288, projection), ("decode b=64", 64, 256, 1288, projection)]
     print(f"float32, {a.threads} threads, seqbench GEMM for large products: {GEMM} "
           f"(from {ONEDNN_MIN_MACS} multiply-adds)")
-    print(f"{'product':<16}{'rows x in x out':>18}{'torch GFLOP/s':>15}{'seqbench':>10}{'ratio':>7}")
-    for what, rows, k, m in cases:
-        x, w = torch.randn(rows, k), torch.randn(m, k)
-        theirs = _median_s(lambda: torch.matmul(x, w.t()), a.repeats)  # noqa: B023 (called at once)
-        ours = _median_s(lambda: linear(x, w), a.repeats)  # noqa: B023
-        flops = 2 * rows * k * m
-        print(f"{what:<16}{f'{rows}x{k}x{m}':>18}{flops / theirs / 1e9:>15.0f}{flops / ours / 1e9:>10.0f}"
-              f"{theirs / ours:>7.2f}")
-    for what, m, k in [("in_proj dW", 1288, 256), ("out_proj dW", 256, 512)]:
-        dy, x = torch.randn(t, m), torch.randn(t, k)
-        theirs = _median_s(lambda: torch.mm(dy.t(), x), a.repeats)  # noqa: B023
-        ours = _median_s(lambda: weight_grad(dy, x), a.repeats)  # noqa: B023
-        flops = 2 * t * m * k
-        print(f"{what:<16}{f'{m}x{t}x{k}':>18}{flops / theirs / 1e9:>15.0f}{flops / ours / 1e9:>10.0f}"
+    print(f"{'product':<16}{'m x k x n':>18}{'torch GFLOP/s':>15}{'seqbench':>10}{'ratio':>7}")
+    for what, m, k, n, make in cases:
+        theirs_fn, ours_fn = make(m, k, n)
+        theirs, ours = _median_s(theirs_fn, a.repeats), _median_s(ours_fn, a.repeats)
+        flops = 2 * m * k * n
+        print(f"{what:<16}{f'{m}x{k}x{n}':>18}{flops / theirs / 1e9:>15.0f}{flops / ours / 1e9:>10.0f}"
               f"{theirs / ours:>7.2f}")
     return 0
 

@@ -191,16 +191,13 @@ class Mamba2(nn.Module):
     def _dt_limited(self) -> bool:
         return self.dt_limit != (0.0, float("inf"))
 
-    def _output(self, y: Tensor, z: Tensor, z0: Tensor, x0: Tensor, out: Tensor | None = None) -> Tensor:
-        """Gated norm (or nothing: the gate was applied inside the scan), MLP side path, out_proj (into ``out``,
-        a contiguous (..., d_model) tensor, when given: no autograd)."""
+    def _output(self, y: Tensor, z: Tensor, z0: Tensor, x0: Tensor) -> Tensor:
+        """Gated norm (or nothing: the gate was applied inside the scan), MLP side path, out_proj."""
         if self.rmsnorm:
             y = self.norm(y, z)
         if self.d_mlp > 0:
             y = torch.cat([F.silu(z0) * x0, y], dim=-1)  # (..., d_inner)
-        if out is None:
-            return self.out_proj(y)
-        return linear(y, self.out_proj.weight, self.out_proj.bias, out=out)
+        return self.out_proj(y)
 
     # --- the mixer contract ---------------------------------------------------------------------
     def forward(self, x: Tensor, cache: dict[str, Tensor] | None = None, start: int = 0) -> Tensor:
@@ -223,17 +220,14 @@ class Mamba2(nn.Module):
         out = x.new_empty(b, l, self.d_model)  # (b, l, d_model)
         for s in range(0, l, PREFILL_PIECE):
             e = min(l, s + PREFILL_PIECE)
-            if b == 1:  # the piece's rows are contiguous: out_proj writes them in place
-                self._forward(x[:, s:e], work, start + s, out[:, s:e])
-            else:
-                out[:, s:e] = self._forward(x[:, s:e], work, start + s)
+            out[:, s:e] = self._forward(x[:, s:e], work, start + s)
         if cache is not None:
             for name, t in work.items():
                 cache[name][:b].copy_(t)
         self._continued = start > 0
         return out
 
-    def _forward(self, x: Tensor, cache: dict[str, Tensor] | None, start: int, out: Tensor | None = None) -> Tensor:
+    def _forward(self, x: Tensor, cache: dict[str, Tensor] | None, start: int) -> Tensor:
         b, l, _ = x.shape
         z0, x0, z, xBC, dt = self._in_projections(x)  # xBC (b, l, conv_dim), dt (b, l, h)
         xBC = xBC.transpose(1, 2)  # (b, conv_dim, l)
@@ -270,7 +264,7 @@ class Mamba2(nn.Module):
         if ssm_state is not None:
             y, final = y
             ssm_state.copy_(final)
-        return self._output(y.reshape(b, l, self.d_ssm), z, z0, x0, out)
+        return self._output(y.reshape(b, l, self.d_ssm), z, z0, x0)
 
     def step(self, x: Tensor, cache: dict[str, Tensor], pos: int) -> Tensor:
         """One token x (b, 1, d_model) at position ``pos``; updates conv and SSM state in place."""

@@ -25,7 +25,9 @@ def causal_conv1d(
 ) -> Tensor:
     """y[t] = sum_k weight[:, k] * x[t - (w-1) + k]; positions before 0 come from ``initial_state`` or are 0.
 
-    initial_state: (b, d, w-1) or wider (only the last w-1 columns are used) inputs preceding x.
+    initial_state: (b, d, w-1) or wider (only the last w-1 columns are used) inputs preceding x. For
+    time-major x the result is a view of rows of a longer buffer; under autograd it cannot be modified in
+    place (copy it first).
     """
     d, w = weight.shape
     if x.stride(1) == 1 and d > 1:  # time-major in memory (Mamba's projections): stay in that layout

@@ -2,17 +2,16 @@
 
 On a CPU, torch's float32 matmul calls MKL, and MKL takes a narrower code path on processors that are not
 Intel's. The same torch build ships oneDNN, whose float32 matmul (``torch.ops.mkldnn._linear_pointwise``,
-the op torch's own compiler emits for CPU linear layers) picks its kernels from the CPU's instruction sets.
-On an AMD EPYC with AVX-512 and 2 threads (measured, ``benchmarks/gemm.py``): 290-370 GFLOP/s against MKL's
-140-165 for a projection's forward and input gradient, 190-220 against 135-160 for its weight gradient. Both
-are IEEE float32 products; only the order of the sums differs.
+the op torch's own compiler emits for CPU linear layers) picks its kernels from the CPU's instruction sets:
+on an AMD EPYC with AVX-512 it runs about twice as fast (``benchmarks/gemm.py`` prints both; docs/design.md
+§3 has the figures). At torch's default float32 matmul precision, which seqbench never changes, both are
+IEEE float32 products; only the order of the sums differs.
 
-Where oneDNN is not the faster one, the choice stays with torch:
-- small products (fewer than ONEDNN_MIN_MACS multiply-adds: decode steps, tiny models): oneDNN's fixed
-  ~12 µs per call costs more than it saves;
-- any device but the CPU, any dtype but float32 (torch already routes CPU bfloat16 to oneDNN).
-
-``GEMM`` names the choice for float32 on the CPU; runs record it in env.json, and calibration measures its peak.
+Where oneDNN is not the faster one, the choice stays with torch: products of fewer than ONEDNN_MIN_MACS
+multiply-adds (a decode step of a small model at a small batch, tiny layers), where oneDNN's fixed ~12 µs
+per call costs more than it saves; any device but the CPU; any dtype but float32 (torch already routes CPU
+bfloat16 to oneDNN). ``gemm_used`` names the choice for one product; runs record it in env.json and
+calibration.json.
 """
 
 from __future__ import annotations
@@ -29,35 +28,26 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-GEMM = "onednn" if onednn_available() else "torch"  # the float32 CPU GEMM of large projections
+GEMM = "onednn" if onednn_available() else "torch"  # the float32 CPU GEMM of large products
 
 
-def gemm_for(x: Tensor) -> str:
-    """The GEMM that large products on x's device and dtype run on: "onednn" or "torch"."""
-    return GEMM if x.device.type == "cpu" and x.dtype == torch.float32 else "torch"
-
-
-def _uses_onednn(x: Tensor, weight: Tensor) -> bool:
-    return (
-        gemm_for(x) == "onednn" and weight.dtype == torch.float32 and x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS
-    )
+def gemm_used(x: Tensor, weight: Tensor) -> str:
+    """The GEMM that ``linear(x, weight)`` runs on: "onednn" or "torch"."""
+    large = x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS
+    on_cpu_fp32 = x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+    return GEMM if large and on_cpu_fp32 else "torch"
 
 
 def _onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """x (..., k) @ weight (m, k)^T + bias (m,) -> (..., m), contiguous; x and weight may be strided views."""
+    """x (..., k) @ weight (m, k)^T + bias (m,) -> (..., m), contiguous. weight may be a strided view (read as
+    it lies); a strided x is made contiguous by torch first."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, out: Tensor | None = None) -> Tensor:
-    """F.linear(x, weight, bias) (x (..., k), weight (m, k)) on the faster GEMM; written into ``out`` (..., m)
-    when given (no autograd)."""
-    if not _uses_onednn(x, weight):
-        if out is None:
-            return F.linear(x, weight, bias)
-        torch.matmul(x, weight.t(), out=out)
-        return out if bias is None else out.add_(bias)
-    if out is not None:
-        return out.copy_(_onednn(x, weight, bias))
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear(x, weight, bias) for x (..., k), weight (m, k), on the GEMM ``gemm_used`` names."""
+    if gemm_used(x, weight) != "onednn":
+        return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return _OneDNNLinear.apply(x, weight, bias)
     return _onednn(x, weight, bias)
@@ -86,9 +76,8 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 def weight_grad(dy: Tensor, x: Tensor) -> Tensor:
-    """dy (t, m)^T @ x (t, k) -> (m, k), a reduction over the t tokens. oneDNN reads both operands transposed
-    in place; it is fastest with the smaller of m and k as its rows (measured: 1.2-1.5x MKL's torch.mm at
-    t = 4096, where the other orientation is slower than MKL)."""
+    """dy (t, m)^T @ x (t, k) -> (m, k), a reduction over the t tokens, on oneDNN with the smaller of m and k
+    as its rows: measured at t = 4096, that orientation beats MKL's torch.mm and the other one does not."""
     if dy.shape[1] <= x.shape[1]:
         return _onednn(dy.t(), x.t(), None)  # (m, k)
     return _onednn(x.t(), dy.t(), None).t()  # (k, m) computed, returned as its (m, k) transpose

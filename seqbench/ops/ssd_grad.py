@@ -3,8 +3,8 @@
 Autograd through ops/ssd.py's blocked form keeps and writes some fifteen intermediates per group and
 concatenates the groups' inputs and outputs; on a CPU, where every fresh MiB costs page faults, that was
 most of the SSD's training cost. Here the forward runs group by group into one preallocated output and keeps,
-per group, only the blocks' local and entering states and the pre-scale output; the backward recomputes the
-cheap elementwise factors and writes the gradients of x, Δ, B and C straight into full-size tensors.
+per group, only the blocks' local and entering states (and the output); the backward recomputes the cheap
+elementwise factors and writes the gradients of x, Δ, B and C straight into full-size tensors.
 
 Per block (ops/ssd.py's factored form; heads grouped r to a B/C group, states n-major (n, r p)):
 
@@ -140,8 +140,8 @@ def _group_backward(
     rp, bcg = r * p, b * c * g
     dx_out, ddt_out, dB_out, dC_out = outs
     dy6 = dy.view(b, c, q, g, r, p)
-    # drows rows = sum_p dy rows y_pre = sum_p dy y
-    drows_rows = torch.mul(dy, y, out=work.get("act", *dy.shape)).sum(-1).view(b, c, q, h)
+    # drel = drows rows - dcols cols, where drows rows = sum_p dy rows y_pre = sum_p dy y
+    drel = torch.mul(dy, y, out=work.get("act", *dy.shape)).sum(-1).view(b, c, q, h)
     dyp = work.get("dyp", b, c, g, q, r, p)  # dy rows, block-major
     torch.mul(dy6.transpose(2, 3), blk.rows.view(b, c, q, g, r, 1).transpose(2, 3), out=dyp)
     dyp = dyp.view(bcg, q, rp)
@@ -173,7 +173,7 @@ def _group_backward(
     dB_out.view(b, c, q, g, n).copy_(dBb.view(b, c, g, q, n).transpose(2, 3))
     dC_out.view(b, c, q, g, n).copy_(dCb.view(b, c, g, q, n).transpose(2, 3))
     # back through rows = e^rel, cols = Δ e^-rel, rel = cum - mid, half = e^mid, decay = e^max(last, floor)
-    drel = drows_rows.sub_(dcols * blk.cols).double()  # (b, c, q, h)
+    drel = drel.sub_(dcols * blk.cols).double()  # (b, c, q, h)
     dmid = (dhalf.reshape(b, c, h) * blk.half).double() - drel.sum(2)
     dlast = ddecay.reshape(b, c, h).double() * exp_decay(blk.last) * (blk.last > MIN_LOG_DECAY) + dmid / 2
     dcum = drel

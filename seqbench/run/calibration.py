@@ -10,7 +10,7 @@ import functools
 
 import torch
 
-from seqbench.ops.gemm import gemm_for, linear
+from seqbench.ops.gemm import gemm_used, linear
 from seqbench.run.measure import Clock, TimingPolicy, time_repeated
 
 
@@ -27,7 +27,7 @@ def calibrate(
     b = torch.randn(matmul_n, matmul_n, device=device, dtype=dtype)
     _, samples = time_repeated(functools.partial(linear, a, b), clock, policy)  # a @ b^T
     peak_flops = 2 * matmul_n**3 / min(samples)
-    gemm = gemm_for(a)
+    gemm = gemm_used(a, b)
     del a, b
     n = copy_mib * 2**20 // 4
     src = torch.empty(n, device=device, dtype=torch.float32).fill_(1.0)

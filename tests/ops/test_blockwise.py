@@ -1,4 +1,4 @@
-"""channel_dot: the blockwise reduction equals the plain one across block boundaries."""
+"""channel_dot and lagged_channel_dots: the blockwise reductions equal the plain ones across block boundaries."""
 
 import pytest
 import torch
@@ -28,3 +28,11 @@ def test_lagged_channel_dots_equal_the_shifted_sums(shape, lags, monkeypatch):
     t = shape[1]
     expected = torch.stack([(a[:, s:] * b[:, : t - s]).sum((0, 1)) for s in range(lags)])
     torch.testing.assert_close(blockwise.lagged_channel_dots(a, b, lags), expected)
+
+
+def test_lagged_channel_dots_read_strided_views(monkeypatch):
+    monkeypatch.setattr(blockwise, "BLOCK_ROWS", 8)
+    x = torch.randn(3, 25, 12, dtype=torch.float64)
+    a, b = x[..., ::2], x.transpose(0, 1).contiguous().transpose(0, 1)[..., 6:]  # (3, 25, 6) each, strided
+    expected = torch.stack([(a[:, s:] * b[:, : 25 - s]).sum((0, 1)) for s in range(4)])
+    torch.testing.assert_close(blockwise.lagged_channel_dots(a, b, 4), expected)
