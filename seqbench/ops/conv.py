@@ -71,7 +71,7 @@ def _conv_rows(x: Tensor, taps: Tensor, bias: Tensor | None, back: bool = False)
     with zeros before 0, or with ``back`` the adjoint u[t] = sum_k taps[k] x[t + (w-1-k)] with zeros after
     l - 1. Returns u (b, l, d), a view of rows of a new (b, l + w - 1, d) tensor."""
     l, (w, d) = x.shape[1], taps.shape
-    x4 = x.transpose(1, 2).unsqueeze(2)  # (b, d, 1, l): channels-last, so conv2d reads x in place
+    x4 = x.transpose(1, 2).unsqueeze(2)  # (b, d, 1, l): channels-last when x has dense rows: read in place
     filt = (taps.flip(0) if back else taps).t().reshape(d, 1, 1, w)  # (d, 1, 1, w)
     u = F.conv2d(x4, filt, bias, padding=(0, w - 1), groups=d)  # (b, d, 1, l + w - 1): row j reads x[j-(w-1)..j]
     start = w - 1 if back else 0

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from seqbench.ops import tracks_grad
+from seqbench.ops.scratch import BETWEEN_CALLS
 from seqbench.ops.ssd_grad import factored_ssd
 from seqbench.ops.ssd_states import (
     MIN_LOG_DECAY,
@@ -132,18 +133,23 @@ def _factored_group(
     g, n = Bb.shape[2], Bb.shape[-1]
     r = h // g
     rows, _, cols, half = split_scales(cum, dt)  # exp(cum_i - mid), Δ_j exp(mid - cum_j), exp(mid)
-    xs = (x * cols.unsqueeze(-1)).view(b, c, q, g, r * p).transpose(2, 3)  # (b, c, g, q, r p)
+    # Without autograd (out given) the transients come from buffers kept between calls: none leaves this call.
+    work = BETWEEN_CALLS if out is not None else None
+    scale = cols.unsqueeze(-1)  # (b, c, q, h, 1)
+    xs = x * scale if work is None else torch.mul(x, scale, out=work.get("xs", b, c, q, h, p, like=x))
+    xs = xs.view(b, c, q, g, r * p).transpose(2, 3)  # (b, c, g, q, r p)
     # exp(last - cum_j) = exp(mid) cols_j / Δ_j and exp(cum_i) = exp(mid) rows_i: a block's state from a zero
     # start is exp(mid) xs^T B, and the state entering it reaches position i as rows_i exp(mid) C_i state.
     half = half.view(b, c, g, 1, r, 1)  # exp(mid), in [e^-60, 1]
     entering = final = None
     if c > 1 or need_state:
-        local = torch.matmul(Bb.transpose(-1, -2), xs).view(b, c, g, n, r, p)  # B^T xs, / exp(mid)
+        local = None if work is None else work.get("local", b, c, g, n, r * p, like=x)
+        local = torch.matmul(Bb.transpose(-1, -2), xs, out=local).view(b, c, g, n, r, p)  # B^T xs, / exp(mid)
         decay = exp_decay(cum[:, :, -1]).view(b, c, g, 1, r, 1)
         entering, final = pass_states(local, decay, n_major(state, g), half)  # entering: times exp(mid)
     elif state is not None:
         entering = n_major(state, g).unsqueeze(1) * half  # (b, 1, g, n, r, p)
-    y = torch.matmul(scores, xs)  # (b, c, g, q, r p)
+    y = torch.matmul(scores, xs, out=None if work is None else work.get("y", b, c, g, q, r * p, like=x))
     if entering is not None:
         e = entering.reshape(b * c * g, n, r * p)
         y.view(b * c * g, q, r * p).baddbmm_(Cb.reshape(b * c * g, q, n), e)  # in place: no copy of y

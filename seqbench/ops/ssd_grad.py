@@ -21,12 +21,11 @@ and the backward, with dyp = dy rows and the state-passing adjoint later[k] = dL
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from seqbench.ops.scratch import Scratch
 from seqbench.ops.ssd_states import (
     MIN_LOG_DECAY,
     block_scores,
@@ -50,25 +49,11 @@ def factored_ssd(
     return _FactoredSSD.apply(x, dt, A, B, C, state, q, groups)
 
 
-class _Scratch:
-    """Flat buffers reused from group to group and call to call within one forward or backward: a fresh
-    tensor of many MiB costs a page fault per 4 KiB on its first write (ops/blockwise.py)."""
-
-    def __init__(self, like: Tensor):
-        self.like, self.flat = like, {}
-
-    def get(self, name: str, *shape: int) -> Tensor:
-        n = math.prod(shape)
-        if name not in self.flat or self.flat[name].numel() < n:
-            self.flat[name] = self.like.new_empty(n)
-        return self.flat[name][:n].view(shape)
-
-
 class _Block:
     """One group of c blocks of q positions: its elementwise factors and block-major views (built in the
     forward, rebuilt in the backward rather than kept). shape = (b, c, q, h, p, g, n, r)."""
 
-    def __init__(self, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, q: int, work: _Scratch):
+    def __init__(self, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, q: int, work: Scratch):
         b, t, h, p = x.shape
         g, n = B.shape[-2:]
         self.shape = (b, t // q, q, h, p, g, n, h // g)
@@ -92,7 +77,7 @@ class _FactoredSSD(torch.autograd.Function):
     def forward(ctx, x, dt, A, B, C, state, q, groups):
         b, l, h, p = x.shape
         y = torch.empty_like(x)  # (b, l, h, p)
-        work = _Scratch(x)
+        work = Scratch(x)
         kept = []
         cur = state
         for s, e in groups:
@@ -118,7 +103,7 @@ class _FactoredSSD(torch.autograd.Function):
         x, dt, A, B, C, y, *kept = ctx.saved_tensors  # kept: local, entering of each group
         dx, ddt, dB, dC = (torch.empty_like(t) for t in (x, dt, B, C))
         dA = torch.zeros(A.shape, dtype=torch.float64, device=A.device)
-        work = _Scratch(x)
+        work = Scratch(x)
         carry = n_major(dfinal.contiguous(), B.shape[2])  # dL/d(state after the group), n-major
         for i in reversed(range(len(ctx.groups))):
             s, e = ctx.groups[i]
@@ -132,7 +117,7 @@ class _FactoredSSD(torch.autograd.Function):
 
 def _group_backward(
     blk: _Block, dy: Tensor, y: Tensor, carry: Tensor, local: Tensor, entering: Tensor,
-    outs: tuple[Tensor, Tensor, Tensor, Tensor], A: Tensor, work: _Scratch,
+    outs: tuple[Tensor, Tensor, Tensor, Tensor], A: Tensor, work: Scratch,
 ) -> tuple[Tensor, Tensor]:
     """One group's gradients, written into ``outs`` (dx, dΔ, dB, dC slices); returns dL/d(entering state)
     (n-major) and this group's dA (float64). y: the group's output, y_pre rows."""

@@ -290,6 +290,8 @@ def test_inference_prefill_in_pieces_equals_one_forward(batch, start, monkeypatc
     with torch.no_grad():
         in_pieces = m(x)  # no cache: the pieces pass their state through a working cache of their own
     torch.testing.assert_close(in_pieces, m(x).detach(), rtol=1e-5, atol=1e-6)
+    with torch.inference_mode():  # the scratch kept between calls serves both modes, in either order
+        assert torch.equal(m(x), in_pieces)
 
 
 def test_training_gradients_match_huggingface():
