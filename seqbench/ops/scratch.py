@@ -25,7 +25,12 @@ class Scratch:
                 self.flat[key] = torch.empty(n, dtype=like.dtype, device=like.device)
         return self.flat[key][:n].view(shape)
 
+    def clear(self) -> None:
+        """Release every buffer (the next ``get`` of each allocates it again)."""
+        self.flat.clear()
 
-# Kept for the life of the process, for the no-autograd paths of the references: their buffers never leave
-# the call that asked for them, and calls run one at a time (one thread per process).
+
+# Kept for the life of the process, for transients of the references that never leave the call that asked
+# for them (calls run one at a time, one thread per process). run/memory.peak_call_bytes releases them
+# before a measured call, so that call's peak counts them.
 BETWEEN_CALLS = Scratch()

@@ -10,8 +10,9 @@ bytes held by tensors the call creates.
   dies. The peak of that total is the CPU counterpart of CUDA's figure: exact bytes of live tensors, whatever
   glibc keeps mapped and whatever ran before (the RSS high-water mark, still reported as ``peak_rss_bytes``,
   depends on both). Scratch a kernel allocates and frees inside one op (a pocketfft buffer, a oneDNN
-  workspace) is not a tensor and is not counted. The mode costs tens of µs per op (and about a second once
-  per process, to set itself up), so it runs on one extra, untimed call only.
+  workspace) is not a tensor and is not counted; the scratch tensors the references keep between calls
+  are released before the call, so the call's own allocations of them count. The mode costs tens of µs per
+  op (and about a second once per process, to set itself up), so it runs on one extra, untimed call only.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from collections.abc import Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+from seqbench.ops.scratch import BETWEEN_CALLS
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -66,7 +69,11 @@ def _is_real(t) -> bool:
 
 
 def peak_call_bytes(fn: Callable[[], object], device: torch.device) -> int:
-    """Peak bytes of the tensors ``fn`` allocates, above those live before the call (the result is dropped)."""
+    """Peak bytes of the tensors ``fn`` allocates, above those live before the call (the result is dropped).
+
+    The scratch the references keep between calls (ops/scratch.BETWEEN_CALLS) is released first, so the call
+    allocates again, and counts, the buffers it uses."""
+    BETWEEN_CALLS.clear()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -47,6 +47,19 @@ def test_live_tensor_peak_counts_every_intermediate_once():
     assert peak_call_bytes(call, CPU) == 2 * MIB + 4  # two 1 MiB tensors at once, then the 4-byte sum
 
 
+def test_peak_counts_scratch_the_references_keep_between_calls():
+    """Buffers kept between calls (ops/scratch.BETWEEN_CALLS) are live during a call that uses them, so
+    its peak counts them however many calls came before."""
+    from seqbench.ops.scratch import BETWEEN_CALLS
+
+    def call():
+        BETWEEN_CALLS.get("test", 256 * 1024, like=torch.empty(0)).fill_(1.0)  # 1 MiB, kept after the call
+
+    peaks = [peak_call_bytes(call, CPU) for _ in range(3)]
+    assert peaks == [MIB] * 3
+    BETWEEN_CALLS.clear()
+
+
 @pytest.mark.parametrize("kind", sorted(SSMS))
 def test_ssm_decode_peak_is_independent_of_context_and_of_the_points_before(kind):
     exp = _exp([SSMS[kind]])
