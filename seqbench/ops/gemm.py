@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from seqbench.ops import tracks_grad
+
 ONEDNN_MIN_MACS = 1 << 22  # measured: below ~4M multiply-adds (e.g. 8 x 256 x 1288) MKL is as fast or faster
 
 
@@ -48,7 +50,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear(x, weight, bias) for x (..., k), weight (m, k), on the GEMM ``gemm_used`` names."""
     if gemm_used(x, weight) != "onednn":
         return F.linear(x, weight, bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+    if tracks_grad(x, weight, bias):
         return _OneDNNLinear.apply(x, weight, bias)
     return _onednn(x, weight, bias)
 
