@@ -168,16 +168,20 @@ class Mamba2(nn.Module):
         return self._labels[self._continued]
 
     # --- pieces shared by forward and step ------------------------------------------------------
+    def _in_sizes(self) -> list[int]:
+        """Widths of in_proj's output parts z0, x0, z, xBC, dt."""
+        return [self.d_mlp, self.d_mlp, self.d_ssm, self.conv_dim, self.nheads]
+
     def _split(self, zxbcdt: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """(..., d_in_proj) -> z0, x0, z, xBC, dt."""
-        return zxbcdt.split([self.d_mlp, self.d_mlp, self.d_ssm, self.conv_dim, self.nheads], dim=-1)
+        return zxbcdt.split(self._in_sizes(), dim=-1)
 
     def _in_projections(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """in_proj(x) as z0, x0, z, xBC, dt, each its own product with its rows of the weight, so each is a
         contiguous tensor: the conv reads xBC in place (a column slice of one product would be copied), and
         under autograd the backward of one product then split would concatenate the gradients into a fresh
         (b, l, d_in_proj) tensor (measured: 4-6% of a layer's forward+backward)."""
-        sizes = [self.d_mlp, self.d_mlp, self.d_ssm, self.conv_dim, self.nheads]
+        sizes = self._in_sizes()
         bias = self.in_proj.bias
         biases = [None] * len(sizes) if bias is None else bias.split(sizes)
         return tuple(linear(x, w, b) for w, b in zip(self.in_proj.weight.split(sizes), biases, strict=True))

@@ -201,21 +201,25 @@ def _block_group(
     b, t, h, p = x.shape
     c = t // q
     dt, cum, Bb, Cb, _, scores = block_scores(dt, A, B, C, q)  # cum (b, c, q, h) float64; scores (b, c, g, i, j)
-    factored = -cum[:, :, -1].min().item() <= FACTOR_RANGE
-    group = _factored_group if factored else _masked_group
+    group = _factored_group if _factorable(cum[:, :, -1]) else _masked_group
     dest = None if out is None else out.view(b, c, q, h, p)
     y, final = group(x.view(b, c, q, h, p), dt, cum, scores, Bb, Cb, state, need_state, dest)
     return y.reshape(b, t, h, p), (head_major(final) if need_state else None)
 
 
+def _factorable(block_log_decays: Tensor) -> bool:
+    """Whether every block's total log-decay (<= 0) is within FACTOR_RANGE: its mask then splits into scales."""
+    return bool(-block_log_decays.min() <= FACTOR_RANGE)
+
+
 def _all_factored(dtA: Tensor, q: int) -> bool:
-    """Whether every block of q positions of dtA = Δ A (b, l, h) decays by at most e^FACTOR_RANGE in total."""
+    """Whether every block of q positions of dtA = Δ A (b, l, h) is ``_factorable``."""
     b, l, h = dtA.shape
     whole = l - l % q
     totals = [dtA[:, :whole].double().reshape(b, whole // q, q, h).sum(2)] if whole else []
     if whole < l:
         totals.append(dtA[:, whole:].double().sum(1, keepdim=True))
-    return bool(-torch.cat(totals, dim=1).min() <= FACTOR_RANGE)
+    return _factorable(torch.cat(totals, dim=1))
 
 
 def ssd(

@@ -318,8 +318,8 @@ def test_training_gradients_match_huggingface():
 
 
 def test_separate_input_projections_equal_one_product(monkeypatch):
-    """Under autograd in_proj runs as one product per output part; with a bias and the gated-MLP side path,
-    outputs and gradients equal those of the one product then split."""
+    """in_proj runs as one product per output part; with a bias and the gated-MLP side path, outputs and
+    gradients equal those of the one product then split."""
     m = make(ngroups=2, bias=True, d_ssm=32).train()
     x = randn(2, 13, D_MODEL)
     results = []
