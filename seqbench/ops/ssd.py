@@ -46,16 +46,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from seqbench.ops import tracks_grad
-from seqbench.ops.scratch import BETWEEN_CALLS
 from seqbench.ops.ssd_grad import factored_ssd
 from seqbench.ops.ssd_states import (
     MIN_LOG_DECAY,
     block_scores,
     exp_decay,
+    factored_group,
     head_major,
     n_major,
     pass_states,
-    split_scales,
 )
 
 # Elements of the largest per-group intermediate (the block states, or the explicit mask). Measured on CPU:
@@ -119,53 +118,11 @@ def _masked_decay(cum: Tensor) -> Tensor:
     return seg.clamp_(MIN_LOG_DECAY, 0.0).exp_()
 
 
-def _factored_group(
-    x: Tensor, dt: Tensor, cum: Tensor, scores: Tensor, Bb: Tensor, Cb: Tensor, state: Tensor | None, need_state: bool,
-    out: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """The blocks of one group with the mask split into row and column scales (see the module docstring).
-
-    x (b, c, q, h, p), dt (b, c, q, h), cum (b, c, q, h) float64, scores (b, c, g, q, q) masked, Bb/Cb
-    (b, c, g, q, n), state (b, h, p, n) or None. Returns y (b, c, q, h, p) and the final state (b, g, n, r, p);
-    y is written into ``out`` (b, c, q, h, p) when given (no autograd), with no layout copy on the way.
-    """
-    b, c, q, h, p = x.shape
-    g, n = Bb.shape[2], Bb.shape[-1]
-    r = h // g
-    rows, _, cols, half = split_scales(cum, dt)  # exp(cum_i - mid), Δ_j exp(mid - cum_j), exp(mid)
-    # Without autograd (out given) the transients come from buffers kept between calls: none leaves this call.
-    work = BETWEEN_CALLS if out is not None else None
-    scale = cols.unsqueeze(-1)  # (b, c, q, h, 1)
-    xs = x * scale if work is None else torch.mul(x, scale, out=work.get("xs", b, c, q, h, p, like=x))
-    xs = xs.view(b, c, q, g, r * p).transpose(2, 3)  # (b, c, g, q, r p)
-    # exp(last - cum_j) = exp(mid) cols_j / Δ_j and exp(cum_i) = exp(mid) rows_i: a block's state from a zero
-    # start is exp(mid) xs^T B, and the state entering it reaches position i as rows_i exp(mid) C_i state.
-    half = half.view(b, c, g, 1, r, 1)  # exp(mid), in [e^-60, 1]
-    entering = final = None
-    if c > 1 or need_state:
-        local = None if work is None else work.get("local", b, c, g, n, r * p, like=x)
-        local = torch.matmul(Bb.transpose(-1, -2), xs, out=local).view(b, c, g, n, r, p)  # B^T xs, / exp(mid)
-        decay = exp_decay(cum[:, :, -1]).view(b, c, g, 1, r, 1)
-        entering, final = pass_states(local, decay, n_major(state, g), half)  # entering: times exp(mid)
-    elif state is not None:
-        entering = n_major(state, g).unsqueeze(1) * half  # (b, 1, g, n, r, p)
-    y = torch.matmul(scores, xs, out=None if work is None else work.get("y", b, c, g, q, r * p, like=x))
-    if entering is not None:
-        e = entering.reshape(b * c * g, n, r * p)
-        y.view(b * c * g, q, r * p).baddbmm_(Cb.reshape(b * c * g, q, n), e)  # in place: no copy of y
-    y = y.view(b, c, g, q, r, p).transpose(2, 3)  # (b, c, q, g, r, p), a view
-    rows = rows.view(b, c, q, g, r, 1)
-    if out is None:
-        return (y * rows).reshape(b, c, q, h, p), final
-    torch.mul(y, rows, out=out.view(b, c, q, g, r, p))  # the (g, q) transpose, the row scale and the write
-    return out, final
-
-
 def _masked_group(
     x: Tensor, dt: Tensor, cum: Tensor, scores: Tensor, Bb: Tensor, Cb: Tensor, state: Tensor | None, need_state: bool,
     out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """As ``_factored_group`` with the explicit (h, q, q) decay mask: exact for any block log-decay."""
+    """As ops/ssd_states.factored_group with the explicit (h, q, q) decay mask: exact for any block log-decay."""
     b, c, q, h, p = x.shape
     g, n = Bb.shape[2], Bb.shape[-1]
     r = h // g
@@ -201,7 +158,7 @@ def _block_group(
     b, t, h, p = x.shape
     c = t // q
     dt, cum, Bb, Cb, _, scores = block_scores(dt, A, B, C, q)  # cum (b, c, q, h) float64; scores (b, c, g, i, j)
-    group = _factored_group if _factorable(cum[:, :, -1]) else _masked_group
+    group = factored_group if _factorable(cum[:, :, -1]) else _masked_group
     dest = None if out is None else out.view(b, c, q, h, p)
     y, final = group(x.view(b, c, q, h, p), dt, cum, scores, Bb, Cb, state, need_state, dest)
     return y.reshape(b, t, h, p), (head_major(final) if need_state else None)

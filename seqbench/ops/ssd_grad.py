@@ -30,9 +30,9 @@ from seqbench.ops.ssd_states import (
     MIN_LOG_DECAY,
     block_scores,
     exp_decay,
+    factored_group,
     head_major,
     n_major,
-    pass_states,
     split_scales,
 )
 
@@ -50,8 +50,8 @@ def factored_ssd(
 
 
 class _Block:
-    """One group of c blocks of q positions: its elementwise factors and block-major views (built in the
-    forward, rebuilt in the backward rather than kept). shape = (b, c, q, h, p, g, n, r)."""
+    """One group of c blocks of q positions in the backward: its elementwise factors and block-major views,
+    rebuilt from the inputs rather than kept from the forward. shape = (b, c, q, h, p, g, n, r)."""
 
     def __init__(self, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, q: int, work: Scratch):
         b, t, h, p = x.shape
@@ -77,21 +77,14 @@ class _FactoredSSD(torch.autograd.Function):
     def forward(ctx, x, dt, A, B, C, state, q, groups):
         b, l, h, p = x.shape
         y = torch.empty_like(x)  # (b, l, h, p)
-        work = Scratch(x)
-        kept = []
+        kept = []  # local and entering states of each group
         cur = state
         for s, e in groups:
-            blk = _Block(x[:, s:e], dt[:, s:e], A, B[:, s:e], C[:, s:e], min(q, e - s), work)
-            _, c, qg, _, _, g, n, r = blk.shape
-            bcg, rp = b * c * g, r * p
-            local = torch.matmul(blk.Bb.transpose(-1, -2), blk.xs)  # (b, c, g, n, r p)
-            decay, half = blk.per_state(exp_decay(blk.last)), blk.per_state(blk.half)
-            entering, final = pass_states(local.clone().view(b, c, g, n, r, p), decay, n_major(cur, g), half)
-            y_pre = torch.bmm(blk.S.view(bcg, qg, qg), blk.xs.view(bcg, qg, rp), out=work.get("y_pre", bcg, qg, rp))
-            y_pre.baddbmm_(blk.Cb.reshape(bcg, qg, n), entering.view(bcg, n, rp))
-            rows = blk.rows.view(b, c, qg, g, r, 1)
-            torch.mul(y_pre.view(b, c, g, qg, r, p).transpose(2, 3), rows, out=y[:, s:e].view(b, c, qg, g, r, p))
-            kept += [local, entering]
+            qg = min(q, e - s)
+            c = (e - s) // qg
+            dt_g, cum, Bb, Cb, _, scores = block_scores(dt[:, s:e], A, B[:, s:e], C[:, s:e], qg)
+            x_g, y_g = x[:, s:e].view(b, c, qg, h, p), y[:, s:e].view(b, c, qg, h, p)
+            _, final = factored_group(x_g, dt_g, cum, scores, Bb, Cb, cur, True, y_g, keep=kept)
             cur = head_major(final)
         ctx.save_for_backward(x, dt, A, B, C, y, *kept)
         ctx.q, ctx.groups = q, groups

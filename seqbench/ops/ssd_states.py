@@ -1,5 +1,5 @@
 """Block states of the reference SSD (ops/ssd.py, and its backward in ops/ssd_grad.py): passing them from
-block to block, and their n-major layout.
+block to block, their n-major layout, and the factored forward of a group of blocks that both use.
 
 States are kept n-major, (b, g, n, r, p) for g groups of r heads of p channels, so that the readout
 C (q, n) @ state (n, r p) and its gradient need no transposed copy.
@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from seqbench.ops import tracks_grad
+from seqbench.ops.scratch import BETWEEN_CALLS
 
 MIN_LOG_DECAY = -80.0  # floor of log-decays fed to exp: exp(-80) ~ 2e-35, and CPU exp is slow on subnormals
 
@@ -99,3 +100,49 @@ def split_scales(cum: Tensor, dt: Tensor) -> tuple[Tensor, Tensor, Tensor, Tenso
     rel = (cum - mid).float()
     rows, inv = torch.exp(rel), torch.exp(-rel)
     return rows, inv, inv * dt, torch.exp(mid.squeeze(2)).float()
+
+
+def factored_group(
+    x: Tensor, dt: Tensor, cum: Tensor, scores: Tensor, Bb: Tensor, Cb: Tensor, state: Tensor | None, need_state: bool,
+    out: Tensor | None = None, keep: list[Tensor] | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """The blocks of one group with the mask split into row and column scales (see ops/ssd.py's docstring).
+
+    x (b, c, q, h, p), dt (b, c, q, h), cum (b, c, q, h) float64, scores (b, c, g, q, q) masked, Bb/Cb
+    (b, c, g, q, n), state (b, h, p, n) or None. Returns y (b, c, q, h, p) and the final state (b, g, n, r, p);
+    y is written into ``out`` (b, c, q, h, p) when given (no autograd), with no layout copy on the way.
+    ``keep`` (the forward of ops/ssd_grad.py) receives the blocks' local and entering states, n-major.
+    """
+    b, c, q, h, p = x.shape
+    g, n = Bb.shape[2], Bb.shape[-1]
+    r = h // g
+    rows, _, cols, half = split_scales(cum, dt)  # exp(cum_i - mid), Δ_j exp(mid - cum_j), exp(mid)
+    # Without autograd (out given) the transients come from buffers kept between calls: none leaves this call.
+    work = BETWEEN_CALLS if out is not None else None
+    scale = cols.unsqueeze(-1)  # (b, c, q, h, 1)
+    xs = x * scale if work is None else torch.mul(x, scale, out=work.get("xs", b, c, q, h, p, like=x))
+    xs = xs.view(b, c, q, g, r * p).transpose(2, 3)  # (b, c, g, q, r p)
+    # exp(last - cum_j) = exp(mid) cols_j / Δ_j and exp(cum_i) = exp(mid) rows_i: a block's state from a zero
+    # start is exp(mid) xs^T B, and the state entering it reaches position i as rows_i exp(mid) C_i state.
+    half = half.view(b, c, g, 1, r, 1)  # exp(mid), in [e^-60, 1]
+    entering = final = None
+    if c > 1 or need_state:
+        local = None if work is None or keep is not None else work.get("local", b, c, g, n, r * p, like=x)
+        local = torch.matmul(Bb.transpose(-1, -2), xs, out=local).view(b, c, g, n, r, p)  # B^T xs, / exp(mid)
+        decay = exp_decay(cum[:, :, -1]).view(b, c, g, 1, r, 1)
+        passed = local if keep is None else local.clone()  # pass_states overwrites it without autograd
+        entering, final = pass_states(passed, decay, n_major(state, g), half)  # entering: times exp(mid)
+        if keep is not None:
+            keep += [local, entering]
+    elif state is not None:
+        entering = n_major(state, g).unsqueeze(1) * half  # (b, 1, g, n, r, p)
+    y = torch.matmul(scores, xs, out=None if work is None else work.get("y", b, c, g, q, r * p, like=x))
+    if entering is not None:
+        e = entering.reshape(b * c * g, n, r * p)
+        y.view(b * c * g, q, r * p).baddbmm_(Cb.reshape(b * c * g, q, n), e)  # in place: no copy of y
+    y = y.view(b, c, g, q, r, p).transpose(2, 3)  # (b, c, q, g, r, p), a view
+    rows = rows.view(b, c, q, g, r, 1)
+    if out is None:
+        return (y * rows).reshape(b, c, q, h, p), final
+    torch.mul(y, rows, out=out.view(b, c, q, g, r, p))  # the (g, q) transpose, the row scale and the write
+    return out, final

@@ -326,13 +326,13 @@ def test_both_diagonal_paths_match_the_loop_with_gradients(monkeypatch, path):
 def test_a_block_too_decayed_to_split_takes_the_masked_path(monkeypatch):
     """Large Δ in one block: the split scales would leave float32, so that group uses the explicit mask."""
     calls = []
-    for name in ("_factored_group", "_masked_group"):
+    for name in ("factored_group", "_masked_group"):
         real = getattr(ssd_mod, name)
         monkeypatch.setattr(ssd_mod, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
     t = inputs(1, 40, 4, 3, 1, 5, seed=26)
     t["dt"][:, :] = -10.0  # softplus(-10 + bias) ~ 1e-4: every block decays little
     _run(t)
-    assert calls == ["_factored_group"]
+    assert calls == ["factored_group"]
     t["dt"][:, 10:20] = 30.0  # Δ ~ 30 with A <= -0.5: the block's total log-decay is far beyond FACTOR_RANGE
     y, final = _run(t)
     assert calls[-1] == "_masked_group"
